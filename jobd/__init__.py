@@ -1,0 +1,3 @@
+"""jobd: the job daemon that research software containers are shipped with."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,100 @@
+"""The Starlette application: the routing table, the lifespan, the request log."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from jobd import classic
+from jobd.config import Config
+from jobd.manager import JobManager
+from jobd.reaper import Reaper
+from jobd.store import JobStore
+
+log = logging.getLogger("jobd.http")
+
+
+async def health(request: Request) -> Response:
+    return JSONResponse({"status": "healthy"})
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Unknown routes and wrong methods answer in the classic error shape."""
+    assert isinstance(exc, HTTPException)
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+    return JSONResponse({"error": kind, "message": str(exc.detail).lower(),
+                         "status": exc.status_code}, exc.status_code, headers=exc.headers)
+
+
+class RequestLog:
+    """One line per request on stderr: method, path, status, duration."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 0
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            log.info('%s "%s %s" %d %.1fms', client[0], scope["method"], scope["path"],
+                     status, (time.perf_counter() - started) * 1000)
+
+
+def create_app(config: Config, *, store: JobStore | None = None,
+               adopt_orphans: bool = False) -> Starlette:
+    """The whole daemon as an ASGI app.
+
+    `store` may be opened by the caller (the server does, to report a damaged database before
+    anything listens); `adopt_orphans` makes the reaper collect every child, as PID 1 must.
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        own_store = store if store is not None else JobStore(config.db_path, fsync=config.fsync)
+        reaper = Reaper(adopt_orphans=adopt_orphans)
+        reaper.start()
+        manager = JobManager(config, own_store, reaper)
+        app.state.manager = manager
+        await manager.start()
+        log.info("jobd ready: %d slot(s), data in %s, database in %s",
+                 manager.scheduler.slots, config.datapath, config.db_path)
+        try:
+            yield {}
+        finally:
+            await manager.stop()
+            await reaper.stop()
+            own_store.close()
+            log.info("jobd stopped")
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        *classic.routes,
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: http_error})
+    if config.access_log:
+        app.add_middleware(RequestLog)
+    return app

@@ -1,0 +1,173 @@
+"""The classic jobd protocol: `POST /api/upload` and `GET /api/get/{id}`.
+
+Wire format only (see ../shared/spec/wire-compat.md section 1): capitalised record keys, the
+`{"error", "message", "status"}` error shape, 202 while a job is not finished and 200 for every
+terminal status. Uploads stream to disk and results stream from disk, so memory stays flat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from jobd import archive, job, pack
+from jobd.manager import JobManager, NotFound
+from jobd.store import JobExists
+from jobd.upload import ClassicBodyScanner, UploadError
+
+# Results up to this size are encoded in one go; larger ones stream in chunks.
+_INLINE_RESULT = 256 * 1024
+
+
+class BodyTooLarge(Exception):
+    """The request body passed JOBD_MAX_BODY."""
+
+
+def error(status: int, kind: str, message: str) -> JSONResponse:
+    """The classic error shape."""
+    return JSONResponse({"error": kind, "message": message, "status": status}, status)
+
+
+def bad_request(message: str) -> JSONResponse:
+    return error(400, "bad_request", message)
+
+
+def rfc3339(timestamp: float) -> str:
+    """Go's RFC 3339 with nanoseconds, as the classic jobd's LastUpdated."""
+    whole = int(timestamp)
+    nanos = round((timestamp - whole) * 1e9)
+    if nanos >= 1_000_000_000:
+        whole, nanos = whole + 1, nanos - 1_000_000_000
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    if nanos:
+        text += "." + f"{nanos:09d}".rstrip("0")
+    return text + "Z"
+
+
+def record_head(record: dict[str, Any]) -> dict[str, Any]:
+    """The fields before `Output`, in the Go struct's order."""
+    return {"LastUpdated": rfc3339(record["updated"]), "ID": record["id"],
+            "Status": record["status"], "Path": "", "Input": ""}
+
+
+def record_tail(record: dict[str, Any]) -> dict[str, Any]:
+    """The fields after `Output`."""
+    options = record.get("options") or {}
+    return {"Message": record.get("message", ""), "SlurmID": record.get("slurm_id") or 0,
+            "Slurml": bool(options.get("slurml", False))}
+
+
+def classic_record(record: dict[str, Any], output: str = "") -> dict[str, Any]:
+    return {**record_head(record), "Output": output, **record_tail(record)}
+
+
+def result_response(record: dict[str, Any], result: Path, status: int) -> Response:
+    """The record with the base64 of result.zip as `Output`, streamed from disk."""
+    try:
+        size = result.stat().st_size
+    except FileNotFoundError:
+        return JSONResponse(classic_record(record), status)
+    if size <= _INLINE_RESULT:
+        output = base64.b64encode(result.read_bytes()).decode("ascii")
+        return JSONResponse(classic_record(record, output), status)
+    head = json.dumps(record_head(record))[:-1].encode() + b', "Output": "'
+    tail = b'", ' + json.dumps(record_tail(record))[1:].encode()
+    length = len(head) + pack.base64_size(size) + len(tail)
+
+    def chunks() -> Iterator[bytes]:
+        yield head
+        yield from pack.iter_base64(result)
+        yield tail
+
+    return StreamingResponse(chunks(), status, media_type="application/json",
+                             headers={"Content-Length": str(length)})
+
+
+async def receive_upload(request: Request, dest: Path, max_body: int,
+                         fsync: bool) -> tuple[dict[str, Any], ClassicBodyScanner]:
+    """Scan the JSON body, streaming `input`'s base64 into `dest` as raw bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body:
+        raise BodyTooLarge()
+    received = 0
+    with open(dest, "wb") as sink:
+        scanner = ClassicBodyScanner(sink)
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > max_body:
+                raise BodyTooLarge()
+            scanner.feed(chunk)
+        fields = scanner.finish()
+        if fsync:
+            sink.flush()
+            await asyncio.to_thread(os.fsync, sink.fileno())
+    return fields, scanner
+
+
+async def upload(request: Request) -> Response:
+    manager: JobManager = request.app.state.manager
+    config = manager.config
+    incoming = manager.data.new_incoming()
+    try:
+        try:
+            fields, scanner = await receive_upload(request, incoming, config.max_body,
+                                                   config.fsync)
+        except UploadError as exc:
+            message = str(exc)
+            if not message.startswith("error reading job"):  # the JSON was fine, the input not
+                message = f"error validating job {message}"
+            return bad_request(message)
+        except BodyTooLarge:
+            return error(413, "request_entity_too_large",
+                         f"request body is larger than {config.max_body} bytes")
+        job_id = fields.get("id")
+        problem = job.id_problem(job_id)
+        if problem:
+            return bad_request(f"error validating job {problem}")
+        if manager.exists(job_id):
+            return bad_request("job already exists")
+        slurml = fields.get("slurml", False)
+        if not isinstance(slurml, bool):
+            return bad_request("error validating job slurml must be true or false")
+        if not scanner.found_input or scanner.input_size == 0:
+            return bad_request("error validating job input is required")
+        try:
+            await asyncio.to_thread(archive.check_zip, incoming, manager.limits)
+        except archive.ArchiveError as exc:
+            return bad_request(f"error validating job {exc}")
+        try:
+            record = await manager.create(job_id, incoming, protocol="classic",
+                                          options={"slurml": slurml})
+        except JobExists:
+            return bad_request("job already exists")
+        return JSONResponse(classic_record(record), 201)
+    finally:
+        if incoming.exists():
+            incoming.unlink()
+
+
+async def get(request: Request) -> Response:
+    manager: JobManager = request.app.state.manager
+    try:
+        record = manager.get(request.path_params["id"])
+    except NotFound:
+        return error(404, "not_found", "job not found")
+    if not job.is_terminal(record["status"]):
+        return error(202, "no_content", "job not ready")
+    return result_response(record, manager.files(record["id"]).result, 200)
+
+
+routes = [
+    Route("/api/upload", upload, methods=["POST"]),
+    Route("/api/get/{id}", get, methods=["GET"]),
+]

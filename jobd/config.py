@@ -1,0 +1,191 @@
+"""The one configuration object.
+
+Every setting is declared once, as a field of `Config` with its environment variable, parser and
+help text in the field's metadata. The command-line flags, the README table and `jobd serve
+--help` are all generated from these declarations, so they cannot drift apart.
+
+The classic jobd variables keep their names and meaning (`PORT`, `DATAPATH`, `DB_PATH`,
+`DEBUG`); everything else is `JOBD_*`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot be used; the message names the variable."""
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from `90`, `90s`, `5m`, `2h` or `2d`."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text.lower())
+    if not match:
+        raise ValueError(f"expected a duration such as 90s, 5m, 2h or 2d, got {text!r}")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def parse_size(text: str) -> int:
+    """Bytes from `1048576`, `512K`, `64M`, `4G` (binary units; a trailing `B`/`iB` is allowed)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if not match:
+        raise ValueError(f"expected a size such as 512K, 64M or 4G, got {text!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
+def parse_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def setting(default: Any, env: str, help: str, parse: Callable[[str], Any] = str, *,
+            shown: str | None = None) -> Any:
+    """Declare one setting: a dataclass field carrying its variable, parser and help."""
+    return field(default=default, metadata={
+        "env": env, "help": help, "parse": parse,
+        "shown": shown if shown is not None else _show(default),
+    })
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything jobd can be told, with the classic defaults."""
+
+    host: str = setting("0.0.0.0", "JOBD_HOST", "Address to listen on (jobd lives in a container, "
+                        "so all interfaces by default).")
+    port: int = setting(8080, "PORT", "TCP port to listen on (classic variable).", int)
+    datapath: Path = setting(Path("data"), "DATAPATH", "Directory for job inputs, working "
+                             "directories, logs and results (classic variable).", Path,
+                             shown="./data")
+    db_path: Path = setting(Path("db"), "DB_PATH", "Directory of the TinyDB job database "
+                            "(classic variable).", Path, shown="./db")
+    debug: bool = setting(False, "DEBUG", "Keep each job's working directory after it is "
+                          "packed (classic variable); also logs at debug level.", parse_bool)
+    keep_workdir: bool = setting(False, "JOBD_KEEP_WORKDIR", "Keep working directories after "
+                                 "packing (single files are otherwise served from the result "
+                                 "zip).", parse_bool)
+    slots: int = setting(0, "JOBD_SLOTS", "Jobs that run at once; 0 means the number of CPUs.",
+                         int, shown="0 (CPUs)")
+    poll_interval: float = setting(1.0, "JOBD_POLL_INTERVAL", "Seconds between safety polls "
+                                   "for QUEUED jobs (new uploads start at once anyway).",
+                                   parse_duration, shown="1s")
+    retention: float = setting(172800.0, "JOBD_RETENTION", "Finished jobs and their files are "
+                               "deleted this long after they finish (0 keeps them forever).",
+                               parse_duration, shown="2d")
+    retention_interval: float = setting(3600.0, "JOBD_RETENTION_INTERVAL", "How often the "
+                                        "retention sweep runs.", parse_duration, shown="1h")
+    timeout: float = setting(0.0, "JOBD_TIMEOUT", "Default wall-clock limit of a job (0: none); "
+                             "on expiry SIGTERM, then SIGKILL after the kill grace, FAILED.",
+                             parse_duration, shown="0")
+    kill_grace: float = setting(5.0, "JOBD_KILL_GRACE", "Seconds between SIGTERM and SIGKILL "
+                                "when a job is cancelled.", parse_duration, shown="5s")
+    shutdown_grace: float = setting(6.0, "JOBD_SHUTDOWN_GRACE", "On SIGTERM, seconds running "
+                                    "jobs get to stop before they are killed and requeued "
+                                    "(with the HTTP drain, well inside Docker's 10 s).",
+                                    parse_duration, shown="6s")
+    max_attempts: int = setting(3, "JOBD_MAX_ATTEMPTS", "Starts per job before a job that keeps "
+                                "being interrupted by crashes is marked FAILED.", int)
+    zip_level: int = setting(1, "JOBD_ZIP_LEVEL", "Deflate level of result zips, 0 (store) to 9.",
+                             int)
+    fsync: bool = setting(True, "JOBD_FSYNC", "fsync inputs and database writes before a job "
+                          "is acknowledged (turn off only for throwaway test daemons).",
+                          parse_bool)
+    max_body: int = setting(8 << 30, "JOBD_MAX_BODY", "Largest request body accepted (413 "
+                            "beyond).", parse_size, shown="8G")
+    max_unpacked: int = setting(4 << 30, "JOBD_MAX_UNPACKED", "Largest total unpacked size of "
+                                "one job's input archive.", parse_size, shown="4G")
+    max_entries: int = setting(100_000, "JOBD_MAX_ENTRIES", "Most entries in one input archive.",
+                               int)
+    max_ratio: int = setting(200, "JOBD_MAX_RATIO", "Highest compression ratio of an input "
+                             "archive (zip bomb guard).", int)
+    pass_env: tuple = setting(("LD_LIBRARY_PATH", "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV",
+                               "CONDA_*", "R_LIBS*", "JAVA_HOME", "PERL5LIB", "OMP_NUM_THREADS"),
+                              "JOBD_PASS_ENV", "Daemon environment variables passed to jobs "
+                              "(comma list, `*` as a suffix wildcard) on top of the minimal set "
+                              "PATH, LANG, LC_ALL, TZ.", parse_list)
+    log_level: str = setting("info", "JOBD_LOG_LEVEL", "debug, info, warning or error.")
+    access_log: bool = setting(True, "JOBD_ACCESS_LOG", "Log one line per HTTP request.",
+                               parse_bool)
+
+    @property
+    def effective_slots(self) -> int:
+        return self.slots if self.slots > 0 else (os.cpu_count() or 1)
+
+    @property
+    def keeps_workdir(self) -> bool:
+        return self.keep_workdir or self.debug
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None,
+             overrides: Mapping[str, Any] | None = None) -> Config:
+        """Defaults, then environment variables, then flags (`overrides`, already parsed)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for spec in fields():
+            raw = environ.get(spec.env)
+            if raw is not None:
+                try:
+                    values[spec.name] = spec.parse(raw)
+                except ValueError as exc:
+                    raise ConfigError(f"{spec.env}: {exc}") from exc
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    name: str
+    env: str
+    flag: str
+    help: str
+    parse: Callable[[str], Any]
+    shown: str
+    default: Any
+
+
+def fields() -> Iterator[FieldSpec]:
+    """The declared settings, in order: what the flags and the README table are made from."""
+    for f in dataclasses.fields(Config):
+        yield FieldSpec(
+            name=f.name, env=f.metadata["env"], flag="--" + f.name.replace("_", "-"),
+            help=f.metadata["help"], parse=f.metadata["parse"], shown=f.metadata["shown"],
+            default=f.default,
+        )
+
+
+def markdown_table() -> str:
+    """The configuration table of the README (a test keeps the README in step)."""
+    rows = ["| variable | flag | default | meaning |", "|---|---|---|---|"]
+    for spec in fields():
+        rows.append(f"| `{spec.env}` | `{spec.flag}` | `{spec.shown}` | {spec.help} |")
+    return "\n".join(rows)

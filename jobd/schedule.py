@@ -1,0 +1,133 @@
+"""The scheduler: which QUEUED job starts next, and when.
+
+One task owns the queue. It is woken at once by every submit and every job end, so a job on an
+idle daemon starts within milliseconds; a poll every `poll_interval` seconds is the safety net
+that finds anything the wake-ups missed (for example jobs requeued at start). The poll reads
+the store's in-memory status index, so it costs next to nothing however many jobs are stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+from collections.abc import Awaitable
+from typing import Callable
+
+from jobd import job
+from jobd.store import JobStore
+
+log = logging.getLogger("jobd.schedule")
+
+
+class Scheduler:
+    """Starts QUEUED jobs, highest priority first then oldest, while slots are free."""
+
+    def __init__(self, store: JobStore, start: Callable[[str], Awaitable[None]], *,
+                 slots: int, poll_interval: float) -> None:
+        self._store = store
+        self._start = start
+        self.slots = slots
+        self._poll_interval = poll_interval
+        self._heap: list[tuple[int, int, str]] = []
+        self._queued: set[str] = set()
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._accepting = True
+
+    # -- what the rest of the daemon calls -------------------------------------------------
+
+    def submit(self, record: dict) -> None:
+        """Queue a QUEUED record and wake the loop."""
+        self._push(record)
+        self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def discard(self, job_id: str) -> None:
+        """Forget a queued job (cancelled or deleted); its heap entry is skipped lazily."""
+        self._queued.discard(job_id)
+
+    def is_running(self, job_id: str) -> bool:
+        return job_id in self._running
+
+    @property
+    def running_count(self) -> int:
+        return len(self._running)
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._queued)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="scheduler")
+
+    async def stop(self) -> None:
+        """Stop starting jobs; running ones are the caller's to stop."""
+        self._accepting = False
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                log.debug("scheduler loop stopped")
+            self._task = None
+
+    async def drain(self) -> None:
+        """Wait for every running job task to finish."""
+        tasks = list(self._running.values())
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _push(self, record: dict) -> None:
+        job_id = record["id"]
+        if job_id in self._queued or job_id in self._running:
+            return
+        self._queued.add(job_id)
+        heapq.heappush(self._heap, (-int(record.get("priority") or 0), int(record["seq"]), job_id))
+
+    def _poll_store(self) -> None:
+        """The safety net: any QUEUED job the heap does not know about joins it."""
+        for job_id in self._store.ids_with_status(job.QUEUED):
+            if job_id not in self._queued and job_id not in self._running:
+                record = self._store.get(job_id)
+                if record is not None:
+                    log.info("poll found queued job %s", job_id)
+                    self._push(record)
+
+    def _start_ready(self) -> None:
+        while self._accepting and self._heap and len(self._running) < self.slots:
+            _, _, job_id = heapq.heappop(self._heap)
+            self._queued.discard(job_id)
+            record = self._store.get(job_id)
+            if record is None or record["status"] != job.QUEUED:
+                continue  # cancelled or deleted while it waited
+            task = asyncio.get_running_loop().create_task(self._run(job_id), name=f"job {job_id}")
+            self._running[job_id] = task
+
+    async def _run(self, job_id: str) -> None:
+        try:
+            await self._start(job_id)
+        except Exception:
+            log.exception("job %s: unexpected error in its run", job_id)
+        finally:
+            self._running.pop(job_id, None)
+            self._wake.set()
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._poll_store()
+        last_poll = loop.time()
+        while True:
+            self._start_ready()
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):  # no wake-up: time for the poll
+                await asyncio.wait_for(self._wake.wait(), self._poll_interval)
+            if loop.time() - last_poll >= self._poll_interval:
+                self._poll_store()
+                last_poll = loop.time()

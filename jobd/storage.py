@@ -1,0 +1,534 @@
+"""A TinyDB storage that appends changed documents to a journal, so a write costs O(1).
+
+TinyDB's JSONStorage rewrites the whole file on every write and ``Table._update_table``
+copies the whole table twice per write: both grow with the database. Here the file is a
+journal and the table hands the storage only the documents a write changed.
+
+File format (``jobs.json``): JSON lines, UTF-8, every line one JSON object ending in ``\\n``.
+
+Line 1, the snapshot (written whole, atomically: temp file, fsync, rename, fsync dir)::
+
+    {"jobd_journal": 1, "tables": {"jobs": {"<doc id>": {...document...}, ...}}}
+
+Every later line is one change, in the order the changes happened::
+
+    {"t": "jobs", "id": "<doc id>", "doc": {...}}   document set (inserted or replaced whole)
+    {"t": "jobs", "id": "<doc id>", "del": true}    document removed
+
+The state is the snapshot with the changes applied in order (a change to a table the snapshot
+lacks creates it). With jq::
+
+    head -n1 jobs.json | jq '.tables.jobs | length'          # documents in the snapshot
+    jq -c 'select(.id == "my-job")' jobs.json                 # the history of one document
+    jq -n 'reduce inputs as $l ({};
+             if $l.jobd_journal then $l.tables
+             elif $l.del then delpaths([[$l.t, $l.id]])
+             else setpath([$l.t, $l.id]; $l.doc) end)' jobs.json   # the current state
+
+Compaction rewrites the snapshot once the change lines exceed
+``max(compact_min_lines, compact_ratio * live documents)`` (10,000 and 2 by default), so the
+file stays proportional to the live data and the rewrite is amortised O(1) per write.
+
+Crash handling at open: a last line without its ``\\n`` or that is not JSON is what a crash
+during an append leaves; it is dropped (the file is truncated to the last good line) with a
+warning. Any other bad line is damage: ``StoreError`` names the file, line and reason, and
+nothing starts. Documents must be JSON objects with string keys; NaN and infinities are
+refused so the file stays valid JSON for jq and other readers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
+from typing import Any, Callable, NoReturn
+
+from tinydb import Storage, TinyDB
+from tinydb.table import Table
+
+__all__ = ["FORMAT_VERSION", "JournalDB", "JournalStorage", "JournalTable", "StoreError"]
+
+log = logging.getLogger("jobd.store")
+
+FORMAT_VERSION = 1
+_ABSENT = object()
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+
+
+class StoreError(Exception):
+    """The database cannot be used as it is: raised instead of starting empty or guessing."""
+
+
+def _dumps(value: Any) -> str:
+    """One serialisation for the file and for change detection, so both agree."""
+    return _ENCODER.encode(value)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write may write less than asked; a journal line must go out whole."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _fsync_dir(path: str) -> None:
+    """A rename is only durable once the directory entry is on disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some filesystems cannot fsync a directory
+        log.debug("fsync of directory %s failed: %s", path, exc)
+    finally:
+        os.close(fd)
+
+
+def _check_tables(tables: Any) -> str | None:
+    """Why ``tables`` is not ``{name: {doc id: document}}`` with str keys, or None if it is."""
+    if not isinstance(tables, dict):
+        return "tables is not an object"
+    for name, table in tables.items():
+        if not isinstance(name, str) or not isinstance(table, dict):
+            return f"table {name!r} is not an object"
+        for doc_id, doc in table.items():
+            if not isinstance(doc_id, str) or not isinstance(doc, dict):
+                return f"document {doc_id!r} of table {name!r} is not an object with a str id"
+    return None
+
+
+def _check_change(obj: Any) -> str | None:
+    """Why ``obj`` is not a change line, or None if it is."""
+    if not isinstance(obj, dict):
+        return "not a JSON object"
+    if not isinstance(obj.get("t"), str) or not isinstance(obj.get("id"), str):
+        return 'change without str "t" and "id"'
+    if ("doc" in obj) == (obj.get("del") is True):
+        return 'change needs exactly one of "doc" or "del": true'
+    if "doc" in obj and not isinstance(obj["doc"], dict):
+        return '"doc" is not an object'
+    return None
+
+
+class JournalStorage(Storage):
+    """Whole state in memory, changes appended to a JSON-lines journal (format above).
+
+    ``read()`` returns the live dict (no copy): callers must not mutate it except through
+    ``write``/``append`` or ``JournalTable``.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        fsync: bool = True,
+        compact_min_lines: int = 10_000,
+        compact_ratio: float = 2.0,
+    ) -> None:
+        super().__init__()
+        self.path = os.fspath(path)
+        self._fsync = fsync
+        self._compact_min_lines = compact_min_lines
+        self._compact_ratio = compact_ratio
+        self._compact_after = 0  # raised after a failed compaction, so it is not retried per write
+        self._fd: int | None = None
+        self._closed = False
+        self._unsynced = False  # non-durable appends not yet covered by an fsync
+        self._broken: str | None = None
+        self._data: dict[str, dict[str, dict]] = {}
+        self.lines = 0  # change lines after the snapshot
+        self.size = 0  # bytes in the file
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, exist_ok=True)
+        self._dir = directory
+        tmp = self.path + ".tmp"
+        if os.path.exists(tmp):  # a snapshot interrupted before its rename: the file is intact
+            log.info("removing %s left by an interrupted compaction", tmp)
+            os.unlink(tmp)
+        if self._replay():
+            self._fd = os.open(self.path, _APPEND_FLAGS, 0o666)
+            self._maybe_compact()
+        else:
+            self._snapshot({})
+
+    # -- TinyDB's Storage interface ------------------------------------------------------------
+
+    def read(self) -> dict[str, dict[str, dict]]:
+        """The live state, O(1): TinyDB reads on every query."""
+        return self._data
+
+    def write(self, data: dict[str, dict[str, dict]]) -> None:
+        """Replace the whole state with a snapshot: TinyDB's generic, O(n) write."""
+        self._snapshot(data)
+
+    def close(self) -> None:
+        """Sync what non-durable appends left in the page cache: a clean stop loses nothing."""
+        self._closed = True
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            if self._unsynced and self._fsync and self._broken is None:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- journal -------------------------------------------------------------------------------
+
+    def append(self, table: str, changes: Mapping[str, dict | None], *,
+               durable: bool = True) -> None:
+        """Apply ``changes`` (doc id -> document, None = removed) and journal only them.
+
+        ``durable=False`` skips the fsync for updates a crash may lose (the next durable
+        write or snapshot covers them).
+        """
+        entries = []
+        for doc_id, doc in changes.items():
+            if doc is not None and not isinstance(doc, dict):
+                raise TypeError(f"document {doc_id!r} is not a dict")
+            entries.append((str(doc_id), None if doc is None else _dumps(doc)))
+        self._journal(table, entries, durable)
+        live = self._data.setdefault(table, {})
+        for doc_id, doc in changes.items():
+            if doc is None:
+                live.pop(str(doc_id), None)
+            else:
+                live[str(doc_id)] = doc
+        self._maybe_compact()
+
+    def compact(self) -> None:
+        """Rewrite the snapshot now (normally automatic)."""
+        self._snapshot(self._data)
+
+    def _journal(self, table: str, entries: list[tuple[str, str | None]], durable: bool) -> None:
+        """Append serialised changes; on failure cut the file back so no half line remains."""
+        self._check_writable()
+        if not entries:
+            return
+        head = '{"t":' + _dumps(table) + ',"id":'
+        text = "".join(
+            head + _dumps(doc_id) + (',"del":true}\n' if doc is None else ',"doc":' + doc + "}\n")
+            for doc_id, doc in entries
+        )
+        data = text.encode("utf-8")
+        start = self.size
+        step = "write"
+        try:
+            _write_all(self._fd, data)
+            if durable and self._fsync:
+                step = "fsync"
+                os.fsync(self._fd)
+        except BaseException as exc:
+            self._undo_append(start, step, exc)
+            raise
+        self.size = start + len(data)
+        self.lines += len(entries)
+        self._unsynced = not (durable and self._fsync)
+
+    def _undo_append(self, start: int, step: str, exc: BaseException) -> None:
+        """Truncate a failed append away; if even that fails, refuse further writes."""
+        if step == "fsync":  # the kernel may have dropped pages it reported: trust nothing more
+            self._broken = f"fsync failed: {exc}"
+        try:
+            os.ftruncate(self._fd, start)
+        except OSError as err:
+            self._broken = f"could not truncate after a failed {step}: {err}"
+        if self._broken:
+            log.error("%s: %s", self.path, self._broken)
+
+    def _check_writable(self) -> None:
+        if self._broken is not None:
+            raise StoreError(f"{self.path}: writes disabled after an earlier failure"
+                             f" ({self._broken}); restart jobd to reload the database")
+        if self._closed:
+            raise StoreError(f"{self.path} is closed")
+
+    def _threshold(self) -> float:
+        live = sum(len(table) for table in self._data.values())
+        return max(self._compact_min_lines, self._compact_ratio * live, self._compact_after)
+
+    def _maybe_compact(self) -> None:
+        """Snapshot when the journal outgrows the live data; a failure only postpones it."""
+        if self.lines <= self._threshold() or self._broken is not None:
+            return
+        try:
+            self._snapshot(self._data)
+        except (OSError, ValueError, TypeError) as exc:
+            self._compact_after = 2 * self.lines
+            log.warning("compaction of %s failed, retrying after %d lines: %s",
+                        self.path, self._compact_after, exc)
+        else:
+            self._compact_after = 0
+
+    def _snapshot(self, data: dict[str, dict[str, dict]]) -> None:
+        """Write ``data`` as a fresh one-line file and swap it in atomically."""
+        self._check_writable()
+        problem = _check_tables(data)
+        if problem:
+            raise TypeError(f"cannot store {problem}")
+        text = f'{{"jobd_journal":{FORMAT_VERSION},"tables":{_dumps(data)}}}\n'
+        payload = text.encode("utf-8")
+        tmp = self.path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            try:
+                _write_all(fd, payload)
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        try:
+            if self._fsync:
+                _fsync_dir(self._dir)
+            old, self._fd = self._fd, os.open(self.path, _APPEND_FLAGS, 0o666)
+        except OSError as exc:  # the new file is in place but we cannot append to it
+            self._broken = f"could not reopen after a snapshot: {exc}"
+            raise
+        if old is not None:
+            os.close(old)
+        self._data = data
+        self.lines = 0
+        self.size = len(payload)
+        self._unsynced = False
+
+    def _replay(self) -> bool:
+        """Load snapshot + changes; False if there is no file yet. Drops a torn last line."""
+        if not os.path.exists(self.path):
+            return False
+        data: dict[str, dict[str, dict]] | None = None
+        lines = offset = lineno = 0
+        bad: tuple[int, int, str] | None = None  # (line, byte offset, reason) of a bad line
+        with open(self.path, "rb") as f:
+            for raw in f:
+                if bad is not None:  # a bad line with more after it: damage, not a torn tail
+                    self._damaged(*bad)
+                lineno += 1
+                start, offset = offset, offset + len(raw)
+                if not raw.endswith(b"\n"):
+                    bad = (lineno, start, "incomplete line (no newline)")
+                    continue
+                if not raw.strip():
+                    continue
+                try:
+                    obj = json.loads(raw)
+                except ValueError as exc:
+                    bad = (lineno, start, f"not JSON ({exc})")
+                    continue
+                if data is None:
+                    data = self._parse_snapshot(obj, lineno)
+                    continue
+                problem = _check_change(obj)
+                if problem:
+                    self._damaged(lineno, start, problem)
+                table = data.setdefault(obj["t"], {})
+                if "doc" in obj:
+                    table[obj["id"]] = obj["doc"]
+                else:
+                    table.pop(obj["id"], None)
+                lines += 1
+        if data is None:  # a snapshot is written whole, so a bad first line is damage
+            if bad is not None or offset:
+                self._damaged(*(bad or (1, 0, "no snapshot line")))
+            log.warning("%s is empty: starting with an empty database", self.path)
+            return False
+        if bad is not None:
+            self._drop_tail(*bad, end=offset)
+        self._data = data
+        self.lines = lines
+        self.size = os.path.getsize(self.path)
+        return True
+
+    def _parse_snapshot(self, obj: Any, lineno: int) -> dict[str, dict[str, dict]]:
+        """Validate line 1; a file we did not write is refused, not overwritten."""
+        if not isinstance(obj, dict) or "jobd_journal" not in obj:
+            self._damaged(lineno, 0, "first line is not a jobd journal snapshot")
+        if obj["jobd_journal"] != FORMAT_VERSION:
+            self._damaged(lineno, 0, f"journal format {obj['jobd_journal']!r}, this jobd"
+                                     f" reads format {FORMAT_VERSION}")
+        tables = obj.get("tables")
+        problem = _check_tables(tables)
+        if problem:
+            self._damaged(lineno, 0, problem)
+        return tables
+
+    def _damaged(self, lineno: int, offset: int, reason: str) -> NoReturn:
+        hint = "restore it from a backup"
+        if offset:
+            hint += (f", or truncate it to {offset} bytes to keep the lines before line {lineno}"
+                     " (the changes after it are lost)")
+        raise StoreError(f"refusing to start: database file {self.path} is damaged at line"
+                         f" {lineno}: {reason}; {hint}")
+
+    def _drop_tail(self, lineno: int, start: int, reason: str, *, end: int) -> None:
+        """A crash during an append leaves a partial last line: cut it off and go on."""
+        log.warning(
+            "%s: dropping torn last line %d (%d bytes, %s), left by a crash during a write",
+            self.path, lineno, end - start, reason,
+        )
+        with open(self.path, "r+b") as f:
+            f.truncate(start)
+            if self._fsync:
+                os.fsync(f.fileno())
+
+
+class _Tracked(MutableMapping):
+    """The live table dict, seen through a record of each touched document's original.
+
+    TinyDB's updaters mutate the table they get (set, pop, clear, and in-place updates of
+    documents fetched with ``[]``). Recording originals lets ``changes`` emit only what
+    actually changed and ``rollback`` undo a write that failed half way.
+    """
+
+    def __init__(self, live: dict[str, dict]) -> None:
+        self._live = live
+        self._orig: dict[str, Any] = {}  # id -> JSON text (fetched), the old dict, or _ABSENT
+
+    def __getitem__(self, key: Any) -> dict:
+        doc_id = str(key)
+        doc = self._live[doc_id]
+        if doc_id not in self._orig:  # may be mutated in place: remember its content
+            self._orig[doc_id] = _dumps(doc)
+        return doc
+
+    def __setitem__(self, key: Any, value: dict) -> None:
+        doc_id = str(key)
+        if doc_id not in self._orig:
+            self._orig[doc_id] = self._live.get(doc_id, _ABSENT)
+        self._live[doc_id] = value
+
+    def __delitem__(self, key: Any) -> None:
+        doc_id = str(key)
+        doc = self._live[doc_id]
+        self._orig.setdefault(doc_id, doc)
+        del self._live[doc_id]
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        doc_id = str(key)
+        if doc_id not in self._live:
+            if default:
+                return default[0]
+            raise KeyError(key)
+        self._orig.setdefault(doc_id, self._live[doc_id])
+        return self._live.pop(doc_id)
+
+    def clear(self) -> None:
+        for doc_id, doc in self._live.items():
+            self._orig.setdefault(doc_id, doc)
+        self._live.clear()
+
+    def __contains__(self, key: object) -> bool:
+        return str(key) in self._live
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._live)
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def changes(self) -> list[tuple[str, str | None]]:
+        """(id, JSON text or None for removed) of the documents that differ from before."""
+        out = []
+        for doc_id, orig in self._orig.items():
+            doc = self._live.get(doc_id, _ABSENT)
+            if doc is _ABSENT:
+                if orig is not _ABSENT:
+                    out.append((doc_id, None))
+                continue
+            if not isinstance(doc, dict):
+                raise TypeError(f"document {doc_id!r} is not a dict")
+            text = _dumps(doc)
+            if text != orig:
+                out.append((doc_id, text))
+        return out
+
+    def rollback(self) -> None:
+        """Put every touched document back as it was."""
+        for doc_id, orig in self._orig.items():
+            if orig is _ABSENT:
+                self._live.pop(doc_id, None)
+            elif isinstance(orig, str):
+                self._live[doc_id] = json.loads(orig)
+            else:
+                self._live[doc_id] = orig
+
+
+class JournalTable(Table):
+    """A TinyDB table whose writes touch only the changed documents (with JournalStorage).
+
+    Document ids are strings (jobd uses the job id). Reads see the live documents: TinyDB's
+    ``Document`` results are shallow copies, so do not mutate their nested values, and do
+    not write while iterating the table itself (use ``all()``). A write is all-or-nothing in
+    memory: if it fails, the documents it touched are restored. Writes touching several
+    documents append one line each, in one ``write``: a crash may keep only a prefix. With
+    any other storage the stock (whole-table) write path is used.
+    """
+
+    document_id_class = str
+
+    def __init__(self, storage: Storage, name: str, *args: Any, **kwargs: Any) -> None:
+        self._durable = True
+        super().__init__(storage, name, *args, **kwargs)
+
+    @contextmanager
+    def durability(self, durable: bool) -> Iterator[None]:
+        """Writes inside skip the fsync when ``durable`` is False (TinyDB's API has no flag)."""
+        previous, self._durable = self._durable, durable
+        try:
+            yield
+        finally:
+            self._durable = previous
+
+    def documents(self) -> dict[str, dict]:
+        """The live ``{doc id: document}`` dict, O(1); read-only by contract."""
+        return self._read_table()
+
+    def _read_table(self) -> dict[str, dict]:
+        return (self._storage.read() or {}).get(self.name, {})
+
+    def _get_next_id(self) -> str:
+        """Next free integer id, as a string, for inserts without a ``Document`` id."""
+        if self._next_id is None:
+            numbers = [int(k) for k in self._read_table() if k.isascii() and k.isdigit()]
+            self._next_id = max(numbers, default=0) + 1
+        next_id = self._next_id
+        self._next_id = next_id + 1
+        return str(next_id)
+
+    def _update_table(self, updater: Callable[[dict], None]) -> None:
+        """Run ``updater`` on the live table in place and journal only what it changed."""
+        storage = self._storage
+        if not isinstance(storage, JournalStorage):
+            super()._update_table(updater)
+            return
+        data = storage.read()
+        created = self.name not in data
+        live = data.setdefault(self.name, {})
+        tracked = _Tracked(live)
+        try:
+            updater(tracked)
+            entries = tracked.changes()
+            if entries:
+                storage._journal(self.name, entries, self._durable)
+            elif created:  # an empty new table: only a snapshot can record it
+                storage.write(data)
+        except BaseException:
+            tracked.rollback()
+            if created:
+                data.pop(self.name, None)
+            raise
+        finally:
+            self.clear_cache()
+        storage._maybe_compact()
+
+
+class JournalDB(TinyDB):
+    """TinyDB with JournalStorage and JournalTable, the pair that makes writes O(1)."""
+
+    table_class = JournalTable
+    default_storage_class = JournalStorage

@@ -12,8 +12,9 @@ Decisions:
 - A symlink target may climb with leading `..` components and then only descend (`../lib/x`,
   `sub/x`): with `..` after a name the lexical check would not hold once that name is itself
   a symlink, so such targets are refused. Absolute targets are refused.
-- No entry may have a file or a symlink as an ancestor (order does not matter), so a
-  symlink can never redirect a later entry.
+- No entry may have a file or a symlink as an ancestor, and no file or symlink may take the
+  name of a directory other entries are in (in either order), so a symlink can never
+  redirect another entry.
 - Tar hard links may only name an earlier regular file of the archive.
 - Modes: files become 0o755 when any execute bit is set, else 0o644; directories 0o755;
   no setuid, setgid or sticky bits, no owners. Modification times are kept.
@@ -54,7 +55,7 @@ log = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-_CHUNK = 256 << 10  # copy unit; tar header reads are capped well above it
+_CHUNK = 256 << 10  # copy unit
 _HEADER_BUDGET = 1 << 20  # bytes tarfile may read to parse one member's headers
 _NAME_MAX = 255  # bytes in one path component (Linux)
 _ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}

@@ -246,6 +246,9 @@ def _check_directory(f: BinaryIO, limits: Limits) -> None:
     malformed is left to zipfile to report.
     """
     z: Any = zipfile  # its private helpers, present from 2.x to 3.13
+    if not hasattr(z, "_EndRecData"):  # a future Python: zipfile alone must do
+        log.warning("zipfile._EndRecData is gone: central directories are not pre-checked")
+        return
     end = z._EndRecData(f)
     if not end:
         return

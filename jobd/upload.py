@@ -28,7 +28,6 @@ _READING = "error reading job from request: "
 
 _B64_SPACE = b"\r\n \t"
 _B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-_B64_ACCEPTED = _B64_ALPHABET + b"=" + _B64_SPACE
 _B64_REFUSED = re.compile(rb"[^A-Za-z0-9+/=\r\n \t]")
 _B64_NOT_PAD = re.compile(rb"[^=\r\n \t]")
 
@@ -69,7 +68,7 @@ class Base64Decoder:
         if b"\n" in data or b"\r" in data or b" " in data or b"\t" in data:
             chars = data.translate(None, _B64_SPACE)
         if self._pad or b"=" in chars:
-            return self._padding(data, chars, start)
+            return self._padding(data, start)
         return self._decode(chars, data, start)
 
     def finish(self) -> bytes:
@@ -111,40 +110,44 @@ class Base64Decoder:
         at = bad.start()
         raise self._error(f"unexpected character {_show(data[at])}", start + at)
 
-    def _padding(self, data: bytes, chars: bytes, start: int) -> bytes:
-        """The end of the text: '=' only where the last group ends, nothing after them."""
-        if data.translate(None, _B64_ACCEPTED):
-            self._refuse(data, start)
-        if self._pad:
-            if chars.translate(None, b"="):
-                raise self._after_padding(data, 0, start)
-            self._count_padding(data, start, len(chars))
-            return b""
-        pad_at = chars.find(b"=")
-        if len(chars.rstrip(b"=")) != pad_at:
-            raise self._after_padding(data, data.find(b"="), start)
-        out = self._decode(chars[:pad_at], data, start)
-        if len(self._pending) < 2:
-            raise self._error("unexpected padding", start + data.find(b"="))
-        self._count_padding(data, start, len(chars) - pad_at)
+    def _padding(self, data: bytes, start: int) -> bytes:
+        """The end of the text: '=' only where the last group ends, then only whitespace.
+
+        Problems are reported in text order, so every chunking names the same one.
+        """
+        bad = _B64_REFUSED.search(data)
+        valid = data if bad is None else data[:bad.start()]
+        out = b""
+        eq = 0 if self._pad else valid.find(b"=")
+        if eq < 0:  # the first '=' lies beyond a bad character
+            out = self._decode(valid.translate(None, _B64_SPACE), valid, start)
+        else:
+            if not self._pad:
+                out = self._decode(valid[:eq].translate(None, _B64_SPACE), valid, start)
+                if len(self._pending) < 2:
+                    raise self._error("unexpected padding", start + eq)
+            tail = valid[eq:]
+            after = _B64_NOT_PAD.search(tail)
+            run = tail if after is None else tail[:after.start()]
+            self._count_padding(run, start + eq)
+            if after is not None:
+                raise self._error("data after padding", start + eq + after.start())
+        if bad is not None:
+            raise self._error(f"unexpected character {_show(data[bad.start()])}",
+                              start + bad.start())
         return out
 
-    def _count_padding(self, data: bytes, start: int, count: int) -> None:
-        """Count '=' and refuse any beyond the end of the last group, naming the first."""
+    def _count_padding(self, run: bytes, offset: int) -> None:
+        """Count the '=' of `run` (at `offset`); refuse any beyond the last group's end."""
         before = self._pad
-        self._pad += count
+        self._pad += run.count(b"=")
         allowed = 4 - len(self._pending)
         if self._pad <= allowed:
             return
         at = -1
-        for _ in range(allowed - before + 1):  # at most 3 steps
-            at = data.find(b"=", at + 1)
-        raise self._error("unexpected padding", start + at)
-
-    def _after_padding(self, data: bytes, pos: int, start: int) -> UploadError:
-        bad = _B64_NOT_PAD.search(data, pos)
-        assert bad is not None
-        return self._error("data after padding", start + bad.start())
+        for _ in range(allowed - before + 1):  # at most 3 steps: the first '=' too many
+            at = run.find(b"=", at + 1)
+        raise self._error("unexpected padding", offset + at)
 
     @staticmethod
     def _error(what: str, offset: int) -> UploadError:
@@ -390,16 +393,16 @@ class ClassicBodyScanner:
             return i + 1
         if c in b"[{":
             self._append(data[i:i + 1])
-            self._open(1)
+            self._open()
             return i + 1
-        elif c in _SCALAR_START:
-            self._scalar = True
-        else:
+        if c not in _SCALAR_START:
             raise self._invalid(data, i, "looking for beginning of value")
+        self._scalar = True
         return i
 
-    def _open(self, levels: int) -> None:
-        self._depth += levels
+    def _open(self) -> None:
+        """One more container inside the current value (the object itself is level 1)."""
+        self._depth += 1
         if self._depth + 1 > self._max_depth:
             raise UploadError(_READING + f"member {self._key!r} nests deeper than "
                               f"{self._max_depth} levels")
@@ -430,7 +433,7 @@ class ClassicBodyScanner:
                 if c == _QUOTE:
                     self._in_string = True
                 elif c in b"[{":
-                    self._open(1)
+                    self._open()
                 elif c in b"]}":
                     self._depth -= 1
                     if self._depth == 0:
@@ -516,10 +519,15 @@ class ClassicBodyScanner:
         return n
 
     def _plain(self, seg: bytes, text: bytes, pos: int) -> None:
-        """Decode `text`, the unescaped `seg` at chunk offset `pos`, after a JSON check."""
+        """Decode `text`, the unescaped `seg` at chunk offset `pos`, after a JSON check.
+
+        A raw line break or tab is refused where it stands, after decoding what precedes
+        it: an earlier base64 error is the one to report, whatever the chunking.
+        """
         raw = [at for at in (seg.find(b"\n"), seg.find(b"\r"), seg.find(b"\t")) if at >= 0]
         if raw:
             at = min(raw)
+            self._write(self._decoder_().feed(_soft_unescape(seg[:at])))
             raise UploadError(_READING + f"invalid character {_show(seg[at])} in string "
                               f"literal at offset {self._base + pos + at}")
         self._write(self._decoder_().feed(text))

@@ -414,3 +414,37 @@ def test_throughput_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
     with capsys.disabled():
         print(f"\n[upload throughput, 64 KiB chunks] scanner {body_rate:.0f} MiB/s of body, "
               f"decoder {decode_rate:.0f} MiB/s of base64")
+
+
+def outcome(body: bytes, cuts: list[int]) -> tuple[Any, ...]:
+    """What scanning `body` cut at `cuts` gives: fields and data, or the error message."""
+    sink = io.BytesIO()
+    scanner = ClassicBodyScanner(sink, max_field=64, max_depth=4, max_escapes=8)
+    try:
+        for piece in split_at(body, cuts):
+            scanner.feed(piece)
+        return ("ok", scanner.finish(), sink.getvalue(), scanner.found_input)
+    except UploadError as exc:
+        return ("error", str(exc))
+
+
+def mutated(body: bytes, edits: list[tuple[int, bytes]]) -> bytes:
+    for at, insert in edits:
+        at %= len(body) + 1
+        body = body[:at] + insert + body[at + 1:]
+    return body
+
+
+TOKENS = st.sampled_from([b"{", b"}", b"[", b"]", b'"', b"\\", b":", b",", b" ", b"\n", b"\\u",
+                          b"\\n", b"=", b"A", b"0", b"true", b"\xef\xbb\xbf", b"\xff", b"",
+                          b"\x00"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=200),
+                 st.builds(mutated, st.just(jq_body("f", PAYLOAD[:100], n=[1, {"a": None}])),
+                           st.lists(st.tuples(st.integers(min_value=0), TOKENS), max_size=4))),
+       st.lists(st.integers(min_value=0), max_size=10))
+def test_fuzz_any_body_any_chunking_same_outcome(body: bytes, cuts: list[int]) -> None:
+    """Whatever the bytes, only UploadError escapes, and the chunking changes nothing."""
+    assert outcome(body, cuts) == outcome(body, []) == outcome(body, list(range(len(body))))

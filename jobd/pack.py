@@ -31,6 +31,8 @@ from functools import cache
 from pathlib import Path
 from typing import BinaryIO, Optional
 
+from jobd.files import fsync_dir
+
 __all__ = [
     "FileInfo",
     "base64_size",
@@ -326,15 +328,6 @@ def _zip_entries(zf: zipfile.ZipFile, root: Path, level: int, chunk_size: int) -
         yield
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make the rename durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _is_within(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
@@ -371,7 +364,7 @@ def pack_zip(src_dir: Path, dest: Path, *, level: int = 1) -> int:
         except FileNotFoundError:
             log.debug("temporary %s already gone", tmp_name)
         raise
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     return size
 
 

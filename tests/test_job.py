@@ -17,7 +17,7 @@ def test_every_status_has_a_transition_row() -> None:
         assert targets <= set(job.STATUSES)
 
 
-@pytest.mark.parametrize(("current", "new"), itertools.product(job.STATUSES, repeat=2))
+@pytest.mark.parametrize(("current", "new"), list(itertools.product(job.STATUSES, repeat=2)))
 def test_check_move_agrees_with_the_table(current: str, new: str) -> None:
     if new in job.TRANSITIONS[current]:
         job.check_move(current, new)

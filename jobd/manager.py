@@ -53,6 +53,7 @@ class JobManager:
         self._cancel_requested: set[str] = set()
         self._reserved: set[str] = set()
         self._finished: dict[str, asyncio.Event] = {}
+        self.log_followers = 0  # live log streams open now (logs.follow counts them)
         self._stopping = False
         self._sweeper: asyncio.Task[None] | None = None
         self._stop_task: asyncio.Task[None] | None = None

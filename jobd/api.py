@@ -22,7 +22,7 @@ from starlette.routing import Route
 from jobd import archive, download, job, logs, pack
 from jobd.classic import BodyTooLarge, receive_upload
 from jobd.manager import Conflict, JobManager, NotFound
-from jobd.options import DEFAULT_ENTRY, OptionError, parse_request, shown_params
+from jobd.options import DEFAULT_ENTRY, JobRequest, OptionError, parse_request, shown_params
 from jobd.store import JobExists
 from jobd.upload import UploadError
 
@@ -197,7 +197,7 @@ async def create_json(request: Request) -> Response:
             incoming.unlink()
 
 
-async def _store_job(manager: JobManager, asked: Any, upload: Path) -> Response:
+async def _store_job(manager: JobManager, asked: JobRequest, upload: Path) -> Response:
     """Check the archive holds the entry point, then store the job (shared by both forms)."""
     job_id = asked.job_id or job.new_id()
     if manager.exists(job_id):

@@ -83,8 +83,11 @@ async def file_response(request: Request, opener: Callable[[], tuple[BinaryIO, F
     """
     handle, info = await asyncio.to_thread(opener)
     tag = etag(info)
+    # A job's files are the job's content, not jobd's: a browser must not run an HTML file of
+    # a job as a page of the daemon's origin, nor guess a type other than the one sent.
     headers = {"Accept-Ranges": "bytes", "ETag": tag,
-               "Last-Modified": formatdate(info.mtime, usegmt=True)}
+               "Last-Modified": formatdate(info.mtime, usegmt=True),
+               "Content-Security-Policy": "sandbox", "X-Content-Type-Options": "nosniff"}
     if filename is not None:
         headers["Content-Disposition"] = f'attachment; filename="{_quoted(filename)}"'
     wanted = None

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -666,6 +667,8 @@ def test_single_file_download_with_range(daemon: Daemon) -> None:
         fresh = daemon.client.get(url, headers={"Range": "bytes=0-0",
                                                 "If-Range": whole.headers["etag"]})
         assert fresh.status_code == 206 and fresh.content == data[:1]
+        assert whole.headers["content-security-policy"] == "sandbox"  # never a page of jobd
+        assert whole.headers["x-content-type-options"] == "nosniff"
         head = daemon.client.head(url)
         assert head.status_code == 200 and head.headers["content-length"] == "1024"
         assert daemon.client.get("/api/v1/jobs/dl/files/sub/none").status_code == 404
@@ -798,3 +801,21 @@ def test_native_api_on_python_3_9(daemon_factory: Any) -> None:
     assert json.loads(end["data"])["status"] == "SUCCESS"
     assert daemon.client.get("/api/v1/jobs/p39/files/out.txt").content == b"two\n"
     assert daemon.client.get("/docs").status_code == 200
+
+
+def test_followers_end_when_the_daemon_stops(daemon: Daemon) -> None:
+    created(daemon, {"run.sh": "echo waiting\n" + GATE_WAIT}, id="stuck")
+    with daemon.client.stream("GET", "/api/v1/jobs/stuck/logs",
+                              headers={"Accept": "text/event-stream"}) as events, \
+            daemon.client.stream("GET", "/api/v1/jobs/stuck/logs",
+                                 params={"follow": "true"}) as text:
+        event_lines, text_lines = events.iter_lines(), text.iter_lines()
+        read_events(event_lines, lambda e: e.get("data") == "waiting")
+        assert next(text_lines) == "waiting"
+        started = time.monotonic()
+        daemon.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        end = read_events(event_lines, lambda e: e.get("event") == "end")[-1]
+        assert json.loads(end["data"])["status"] in ("RUNNING", "QUEUED")  # not finished
+        assert list(text_lines) == []
+        assert time.monotonic() - started < 10
+    assert daemon.stop() == 0

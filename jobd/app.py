@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from jobd import classic
+from jobd import api, classic, openapi
 from jobd.config import Config
 from jobd.manager import JobManager
 from jobd.reaper import Reaper
@@ -92,6 +92,8 @@ def create_app(config: Config, *, store: JobStore | None = None,
     routes = [
         Route("/health", health, methods=["GET"]),
         *classic.routes,
+        *api.routes,
+        *openapi.routes,
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: http_error})

@@ -412,7 +412,7 @@ def _check_tree(members: list[_Member], required: str | None) -> None:
     for member in members:
         names.claim(member)
     if required is not None:
-        kind = names.kinds.get((required,))
+        kind = names.kinds.get(tuple(p for p in required.split("/") if p not in ("", ".")))
         if kind is None:
             raise ArchiveError(f"{required} does not exist in the input file")
         if kind != "file":
@@ -435,7 +435,8 @@ def check_zip(path: PathLike, limits: Limits = _DEFAULT,
     """Validate a zip without extracting it; the normalised names, in archive order.
 
     Reads the central directory and the local headers, and only the contents of symlink
-    entries (their targets). `required` must be a regular file at the top level.
+    entries (their targets). `required` (a relative POSIX path, `run.sh` or the entry point of
+    a native job such as `bin/main.py`) must be a regular file of the archive.
     """
     with open(path, "rb") as f, _open_zip(f, limits) as zf:
         size = os.fstat(f.fileno()).st_size

@@ -83,7 +83,7 @@ def new_record(job_id: str, *, protocol: str, executor: str = "local", priority:
     now = time.time() if now is None else now
     return {
         "id": job_id, "status": QUEUED, "message": "job queued",
-        "created": now, "started": None, "finished": None, "updated": now,
+        "created": now, "queued": now, "started": None, "finished": None, "updated": now,
         "exit_code": None, "signal": None, "attempt": 0, "priority": priority,
         "labels": dict(labels or {}), "executor": executor, "protocol": protocol,
         "options": dict(options or {}), "input_size": input_size, "output_size": None,
@@ -138,7 +138,7 @@ def requeue_fields(record: dict[str, Any], max_attempts: int, why: str,
     if attempts >= max_attempts:
         return {"status": FAILED, "finished": now,
                 "message": f"job failed: interrupted {attempts} times ({why}), giving up"}
-    return {"status": QUEUED, "started": None, "message": f"job requeued: {why}"}
+    return {"status": QUEUED, "started": None, "queued": now, "message": f"job requeued: {why}"}
 
 
 def restart_fields(now: float | None = None) -> dict[str, Any]:
@@ -146,4 +146,4 @@ def restart_fields(now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     return {"status": QUEUED, "message": "job restarted", "started": None, "finished": None,
             "exit_code": None, "signal": None, "output_size": None, "attempt": 0,
-            "updated": now}
+            "queued": now, "updated": now}

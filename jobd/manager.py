@@ -17,6 +17,7 @@ from typing import Any
 from jobd import archive, job, pack
 from jobd.config import Config
 from jobd.files import DataDir, JobFiles, fsync_dir
+from jobd.options import param_environment
 from jobd.reaper import Reaper
 from jobd.run import LocalExecutor, LocalProcess, Outcome, StartError, command_for, job_environment
 from jobd.schedule import Scheduler
@@ -52,6 +53,7 @@ class JobManager:
         self._cancel_requested: set[str] = set()
         self._reserved: set[str] = set()
         self._finished: dict[str, asyncio.Event] = {}
+        self.log_followers = 0  # live log streams open now (logs.follow counts them)
         self._stopping = False
         self._sweeper: asyncio.Task[None] | None = None
         self._stop_task: asyncio.Task[None] | None = None
@@ -203,16 +205,46 @@ class JobManager:
             await asyncio.to_thread(_remove, trash)
         else:
             self.store.delete(job_id)
+        self._notify_finished(job_id)
         log.info("job %s deleted", job_id)
 
-    async def wait_finished(self, job_id: str) -> None:
-        """Until the job is no longer queued or running (for cancel and live logs)."""
+    async def wait_finished(self, job_id: str, timeout: float | None = None) -> bool:
+        """Until the job is no longer queued or running (for cancel and live logs).
+
+        With `timeout`, returns False when it passed first. Deleted jobs count as finished.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         while True:
             record = self.store.get(job_id)
             if record is None or job.is_terminal(record["status"]):
-                return
+                return True
             event = self._finished.setdefault(job_id, asyncio.Event())
-            await event.wait()
+            if deadline is None:
+                await event.wait()
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(event.wait(), remaining)
+            except asyncio.TimeoutError:
+                return False
+
+    def _notify_finished(self, job_id: str) -> None:
+        """Wake whoever waits for this job to end (it did, or it is gone)."""
+        event = self._finished.pop(job_id, None)
+        if event is not None:
+            event.set()
+
+    @property
+    def stopping(self) -> bool:
+        """The daemon is shutting down: long requests (log followers) should end."""
+        return self._stopping
+
+    def stored_bytes(self) -> int:
+        """Bytes of inputs and results of every job, from the records (no directory walk)."""
+        return self.store.stored_bytes()
 
     # -- a job's run --------------------------------------------------------------------------
 
@@ -228,7 +260,7 @@ class JobManager:
         try:
             outcome = await self._run(record, files)
             if outcome.reason == SHUTDOWN:  # requeued; a stop is not the job's fault
-                self._move(record, {"status": job.QUEUED, "started": None,
+                self._move(record, {"status": job.QUEUED, "started": None, "queued": time.time(),
                                     "attempt": record["attempt"] - 1,
                                     "message": f"job requeued: {SHUTDOWN}"}, durable=True)
                 return
@@ -245,9 +277,7 @@ class JobManager:
                                 "message": f"internal error: {exc}"}, durable=True)
         finally:
             self._cancel_requested.discard(job_id)
-            event = self._finished.pop(job_id, None)
-            if event is not None:
-                event.set()
+            self._notify_finished(job_id)
 
     async def _run(self, record: dict[str, Any], files: JobFiles) -> Outcome:
         job_id = record["id"]
@@ -257,11 +287,13 @@ class JobManager:
             await asyncio.to_thread(self._prepare, files)
             if job_id in self._cancel_requested:
                 return Outcome(None, None, "cancelled")
-            argv = command_for(files.work, entry, options.get("args") or ())
             env = job_environment(os.environ, self.config.pass_env, {
+                **param_environment(options.get("params") or {}),
                 "JOBD_JOB_ID": job_id, "JOBD_WORKDIR": str(files.work.resolve()),
                 "HOME": str(files.home.resolve()), "TMPDIR": str(files.tmp.resolve()),
             })
+            argv = command_for(files.work, entry, options.get("args") or (),
+                               function=options.get("function"), path=env.get("PATH"))
             process = self.executor.start(argv, cwd=files.work, log_path=files.log, env=env)
         except archive.ArchiveError as exc:
             return Outcome(None, None, f"could not unpack the input: {exc}")
@@ -308,6 +340,8 @@ class JobManager:
         updated = self.store.update(record["id"], changes, durable=durable)
         log.info("job %s %s -> %s: %s", record["id"], record["status"], new_status,
                  updated.get("message", ""))
+        if job.is_terminal(new_status):
+            self._notify_finished(record["id"])
         return updated
 
     # -- retention ----------------------------------------------------------------------------

@@ -54,6 +54,16 @@ def _clone(value: Any) -> Any:
     return value
 
 
+def _stored_size(doc: dict) -> int:
+    """Bytes a record accounts for on disk (input.zip plus result.zip)."""
+    total = 0
+    for key in ("input_size", "output_size"):
+        value = doc.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            total += value
+    return total
+
+
 def _has_labels(record: dict, wanted: dict[str, str | None]) -> bool:
     labels = record.get("labels")
     if not isinstance(labels, dict):
@@ -153,8 +163,10 @@ class JobStore:
                 self._next_seq += 1
         docs = self._docs()
         self._by_status: dict[str, list[int]] = {}
+        self._bytes = 0
         for seq, job_id in self._id_of.items():
             self._by_status.setdefault(docs[job_id]["status"], []).append(seq)
+            self._bytes += _stored_size(docs[job_id])
 
     def _index(self, status: str, seq: int) -> None:
         bisect.insort(self._by_status.setdefault(status, []), seq)
@@ -180,6 +192,7 @@ class JobStore:
         self._next_seq += 1
         self._id_of[seq] = job_id
         self._index(status, seq)
+        self._bytes += _stored_size(doc)
         return _clone(doc)
 
     def get(self, job_id: str) -> dict | None:
@@ -204,8 +217,10 @@ class JobStore:
             raise ValueError(f"job {job_id}: status must be a str, not {new_status!r}")
         fields = _clone(changes)
         fields.setdefault("updated", time.time())
+        size_before = _stored_size(doc)
         with self._table.durability(durable):
             self._table.update(fields, doc_ids=[job_id])
+        self._bytes += _stored_size(self._docs()[job_id]) - size_before
         if new_status != old_status:
             self._unindex(old_status, seq)
             self._index(new_status, seq)
@@ -217,7 +232,9 @@ class JobStore:
         if doc is None:
             raise KeyError(job_id)
         status, seq = doc["status"], doc["seq"]
+        size = _stored_size(doc)
         self._table.remove(doc_ids=[job_id])
+        self._bytes -= size
         del self._id_of[seq]
         self._unindex(status, seq)
 
@@ -226,6 +243,24 @@ class JobStore:
     def ids_with_status(self, status: str) -> list[str]:
         """Ids with this status, oldest first: O(number with that status)."""
         return [self._id_of[seq] for seq in self._by_status.get(status, ())]
+
+    def stored_bytes(self) -> int:
+        """Sum of ``input_size`` and ``output_size`` over every record: O(1)."""
+        return self._bytes
+
+    def oldest_queued(self, status: str = "QUEUED") -> float | None:
+        """The earliest ``queued`` time (else ``created``) among records with ``status``.
+
+        O(records with that status), without copying them.
+        """
+        docs = self._docs()
+        oldest = None
+        for seq in self._by_status.get(status, ()):
+            doc = docs[self._id_of[seq]]
+            when = doc.get("queued") or doc.get("created")
+            if isinstance(when, (int, float)) and (oldest is None or when < oldest):
+                oldest = float(when)
+        return oldest
 
     def counts(self) -> dict[str, int]:
         """Number of records by status (statuses with none are absent)."""

@@ -18,6 +18,8 @@ from typing import Any, Callable
 import httpx
 import pytest
 
+from tests.openapi_check import CHECKED, OpenApiChecker
+
 ROOT = Path(__file__).resolve().parent.parent
 ZIPAPP = ROOT / "dist" / "jobd"
 
@@ -110,7 +112,18 @@ class Daemon:
             "JOBD_SLOTS": "2", **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None
-        self.client = httpx.Client(base_url=self.url, timeout=30)
+        self._checker: OpenApiChecker | None = None
+        self.client = self.new_client()
+
+    def new_client(self, **options: Any) -> httpx.Client:
+        """A client whose every answer is checked against the daemon's OpenAPI document."""
+        options.setdefault("timeout", 30)
+        return httpx.Client(base_url=self.url, event_hooks={"response": [self._check]},
+                            **options)
+
+    def _check(self, response: httpx.Response) -> None:
+        if self._checker is not None:  # loaded once the daemon is up (see start)
+            self._checker.check_response(response)
 
     def start(self, timeout: float = 30.0) -> Daemon:
         argv = [self.interpreter, str(self.zipapp)] if self.interpreter else [str(self.zipapp)]
@@ -118,6 +131,10 @@ class Daemon:
         self.proc = subprocess.Popen(argv, env=self.env, cwd=self.workdir,
                                      stdout=self._log, stderr=subprocess.STDOUT)
         wait_until(self._healthy, timeout, 0.02, "the daemon to answer /health")
+        if self._checker is None:
+            document = httpx.get(f"{self.url}/openapi.json", timeout=30)
+            document.raise_for_status()
+            self._checker = OpenApiChecker(document.json())
         return self
 
     def _healthy(self) -> bool:
@@ -182,4 +199,12 @@ def result_files(response: httpx.Response) -> dict[str, bytes]:
         return {i.filename: archive.read(i) for i in archive.infolist() if not i.is_dir()}
 
 
-
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """How many answers were checked against the OpenAPI document, by operation."""
+    if not CHECKED:
+        return
+    terminalreporter.write_sep("-", f"OpenAPI: {sum(CHECKED.values())} answers checked "
+                                    f"against the schemas, {len(CHECKED)} (operation, status) "
+                                    "pairs")
+    for (method, template, status), count in sorted(CHECKED.items()):
+        terminalreporter.write_line(f"  {method.upper():6} {template} {status}: {count}")

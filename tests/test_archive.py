@@ -296,6 +296,15 @@ def test_check_zip_required_run_sh(tmp_path: Path) -> None:
     assert check_zip(dotted, Limits()) == ["run.sh"]
 
 
+def test_check_zip_required_entry_in_a_subdirectory(tmp_path: Path) -> None:
+    """A native job's entry point may live below the top: `bin/main.py`."""
+    nested = make_zip(tmp_path / "a.zip", [("bin/main.py", b"x", 0), ("run.sh", b"x", 0)])
+    assert check_zip(nested, Limits(), required="bin/main.py") == ["bin/main.py", "run.sh"]
+    assert check_zip(nested, Limits(), required="./bin//main.py") == ["bin/main.py", "run.sh"]
+    assert zip_refused(nested, required="main.py") == "main.py does not exist in the input file"
+    assert zip_refused(nested, required="bin") == "entry 'bin': must be a regular file"
+
+
 @pytest.mark.parametrize(("name", "detail"), [
     ("../evil.sh", "path escapes the working directory"),
     ("a/../../evil.sh", "path escapes the working directory"),

@@ -368,3 +368,29 @@ class StoreModel(RuleBasedStateMachine):
 
 TestStoreModel = StoreModel.TestCase
 TestStoreModel.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+
+
+def test_stored_bytes_follow_every_write(tmp_path: Path) -> None:
+    with JobStore(tmp_path) as store:
+        store.add({"id": "a", "status": "QUEUED", "input_size": 100, "output_size": None})
+        store.add({"id": "b", "status": "QUEUED", "input_size": 10})
+        assert store.stored_bytes() == 110
+        store.update("a", {"status": "SUCCESS", "output_size": 1000})
+        assert store.stored_bytes() == 1110
+        store.update("a", {"status": "QUEUED", "output_size": None})  # restart
+        assert store.stored_bytes() == 110
+        store.delete("b")
+        assert store.stored_bytes() == 100
+    with JobStore(tmp_path) as store:  # rebuilt at open
+        assert store.stored_bytes() == 100
+
+
+def test_oldest_queued_prefers_the_queued_time(tmp_path: Path) -> None:
+    with JobStore(tmp_path) as store:
+        assert store.oldest_queued() is None
+        store.add({"id": "a", "status": "QUEUED", "created": 100.0, "queued": 500.0})
+        store.add({"id": "b", "status": "QUEUED", "created": 300.0})
+        store.add({"id": "c", "status": "RUNNING", "created": 1.0})
+        assert store.oldest_queued() == 300.0
+        store.update("b", {"status": "RUNNING"})
+        assert store.oldest_queued() == 500.0

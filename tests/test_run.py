@@ -1,0 +1,122 @@
+"""The local executor's pure parts: which argv runs an entry point, finding a job's strays."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jobd.run import (
+    FUNCTION_RUNNER,
+    INTERPRETERS,
+    StartError,
+    command_for,
+    kill_marked,
+    marked_processes,
+)
+from tests.conftest import wait_until
+
+
+def write(path: Path, content: bytes | str, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    path.chmod(mode)
+
+
+def test_interpreters_by_extension() -> None:
+    assert INTERPRETERS == {".py": "python3", ".sh": "bash", ".r": "Rscript", ".js": "node"}
+
+
+@pytest.mark.parametrize(("entry", "argv"), [
+    ("main.py", ["python3", "-u", "main.py", "a"]),
+    ("tool.sh", ["bash", "tool.sh", "a"]),
+    ("analysis.R", ["Rscript", "analysis.R", "a"]),
+    ("analysis.r", ["Rscript", "analysis.r", "a"]),
+    ("app.js", ["node", "app.js", "a"]),
+    ("APP.JS", ["node", "APP.JS", "a"]),
+    ("run.sh", ["/bin/sh", "run.sh", "a"]),  # the classic jobd's way
+    ("sub/run.sh", ["bash", "sub/run.sh", "a"]),
+    ("job.txt", ["/bin/sh", "job.txt", "a"]),
+])
+def test_entries_without_a_shebang(tmp_path: Path, entry: str, argv: list[str]) -> None:
+    write(tmp_path / entry, "echo hi\n")
+    assert command_for(tmp_path, entry, ["a"]) == argv
+
+
+def test_shebang_and_elf_run_directly_and_get_the_exec_bit(tmp_path: Path) -> None:
+    write(tmp_path / "main.py", "#!/usr/bin/env python3\n")
+    write(tmp_path / "bin/prog", b"\x7fELF\x02\x01\x01")
+    assert command_for(tmp_path, "main.py", ["x"]) == ["./main.py", "x"]
+    assert command_for(tmp_path, "bin/prog") == ["./bin/prog"]
+    assert os.stat(tmp_path / "main.py").st_mode & 0o111
+    assert os.stat(tmp_path / "bin/prog").st_mode & 0o111
+
+
+def test_function_runs_through_the_runner(tmp_path: Path) -> None:
+    write(tmp_path / "tool.py", "#!/usr/bin/env python3\n")  # a shebang does not matter here
+    assert command_for(tmp_path, "tool.py", ["1"], function="main") == \
+        ["python3", "-u", "-c", FUNCTION_RUNNER, "tool.py", "main", "1"]
+
+
+def test_function_runner_semantics(tmp_path: Path) -> None:
+    write(tmp_path / "m.py", "import sys\n"
+                             "def none(*a): print('args', a)\n"
+                             "def code(x): return int(x)\n"
+                             "def text(): return 'printed'\n"
+                             "def boom(): raise ValueError('bad')\n"
+                             "def flag(): return True\n")
+
+    def run(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", FUNCTION_RUNNER, "m.py", name, *args],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+    assert (run("none", "1", "two").returncode, run("none", "1", "two").stdout) == \
+        (0, "args ('1', 'two')\n")
+    assert run("code", "7").returncode == 7
+    assert (run("text").returncode, run("text").stdout) == (0, "printed\n")
+    failed = run("boom")
+    assert failed.returncode == 1 and "ValueError: bad" in failed.stderr
+    assert (run("flag").returncode, run("flag").stdout) == (0, "True\n")
+    missing = run("nope")
+    assert missing.returncode == 1 and "jobd: m.py has no function nope" in missing.stderr
+
+
+def test_missing_interpreter_is_named(tmp_path: Path) -> None:
+    write(tmp_path / "a.R", "print(1)\n")
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    with pytest.raises(StartError, match=r"a.R needs Rscript, which is not installed "
+                                         r"\(not found on PATH .*empty-bin\)"):
+        command_for(tmp_path, "a.R", path=str(empty))
+    python = shutil.which("python3")
+    assert python is not None
+    write(tmp_path / "a.py", "print(1)\n")
+    assert command_for(tmp_path, "a.py", path=os.path.dirname(python))[0] == "python3"
+
+
+def test_kill_marked_finds_processes_that_left_the_group(tmp_path: Path) -> None:
+    marker = f"JOBD_WORKDIR={tmp_path}/work"
+    env = {**os.environ, "JOBD_WORKDIR": f"{tmp_path}/work"}
+    other = {**os.environ, "JOBD_WORKDIR": f"{tmp_path}/work2"}  # another job: left alone
+    mine = subprocess.Popen(["sleep", "60"], env=env, start_new_session=True)
+    theirs = subprocess.Popen(["sleep", "60"], env=other, start_new_session=True)
+    try:
+        wait_until(lambda: mine.pid in marked_processes(marker.encode()), 10,
+                   what="the marked process to be visible")
+        assert theirs.pid not in marked_processes(marker.encode())
+        assert kill_marked(marker.encode(), signal.SIGKILL) >= 1
+        assert mine.wait(10) == -signal.SIGKILL
+        time.sleep(0.05)
+        assert theirs.poll() is None
+        assert marked_processes(marker.encode()) == []
+    finally:
+        for proc in (mine, theirs):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)

@@ -23,22 +23,8 @@ from jobd.config import Config, ConfigError, fields, parse_duration
 from jobd.job import STATUSES, id_problem
 from jobd.progress import Progress, human_size
 
-EXIT_CODES_HELP = """\b
-Exit codes of the client commands:
-  0    success (submit --wait: the job ended SUCCESS)
-  1    the job FAILED without an exit code of its own
-  2    usage error (bad flags or arguments)
-  3    the daemon refused the request (400, 409, 413 ...)
-  4    no such job (404)
-  5    not authorised (401, 403): check JOBD_TOKEN
-  6    cannot reach the daemon
-  7    the daemon failed (5xx) or the URL is not a jobd
-  8    a local file problem (missing input, output directory not empty)
-  9    the job was CANCELLED
-  N    submit --wait: the job's own exit code N when run.sh failed
-  128+N  submit --wait: the job was killed by signal N (137: SIGKILL)
-  130  interrupted (Ctrl-C) while waiting; the job keeps running
-"""
+EXIT_CODES_HELP = "\b\nExit codes of the client commands:\n" + "\n".join(
+    f"  {code:<6} {meaning.replace('`', '')}" for code, meaning in client.EXIT_CODE_TABLE)
 
 
 def _config_options(command: Callable[..., Any]) -> Callable[..., Any]:

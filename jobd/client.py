@@ -43,6 +43,31 @@ EXIT_CANCELLED = 9  # the job was CANCELLED
 EXIT_SIGNAL_BASE = 128  # the job was killed by signal N: 128 + N, as shells report it
 EXIT_INTERRUPTED = 130  # Ctrl-C while waiting (the job keeps running)
 
+#: The exit codes as documented: `jobd --help` and the README table are made from this.
+EXIT_CODE_TABLE = (
+    ("0", "success (`submit --wait`: the job ended SUCCESS)"),
+    ("1", "the job FAILED without an exit code of its own"),
+    ("2", "usage error (bad flags or arguments)"),
+    ("3", "the daemon refused the request (400, 409, 413 ...)"),
+    ("4", "no such job (404)"),
+    ("5", "not authorised (401, 403): check JOBD_TOKEN"),
+    ("6", "cannot reach the daemon"),
+    ("7", "the daemon failed (5xx) or the URL is not a jobd"),
+    ("8", "a local file problem (missing input, output directory not empty)"),
+    ("9", "the job was CANCELLED"),
+    ("N", "`submit --wait`: the job's own exit code N when run.sh failed"),
+    ("128+N", "`submit --wait`: the job was killed by signal N (137: SIGKILL, 143: SIGTERM)"),
+    ("130", "interrupted (Ctrl-C) while waiting; the job keeps running"),
+)
+
+
+def exit_codes_markdown() -> str:
+    """The README's exit code table (a test keeps the README in step)."""
+    rows = ["| code | meaning |", "|---|---|"]
+    rows.extend(f"| `{code}` | {meaning} |" for code, meaning in EXIT_CODE_TABLE)
+    return "\n".join(rows)
+
+
 # Per read and write on the socket; an upload's answer waits for the daemon's archive check.
 REQUEST_TIMEOUT = 60.0
 UPLOAD_ANSWER_TIMEOUT = 600.0

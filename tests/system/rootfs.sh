@@ -5,10 +5,12 @@
 #
 # debootstrap --variant=minbase --include=python3: what a slim research image has, nothing more.
 # The cache survives between runs (JOBD_ROOTFS_CACHE, default /var/cache/jobd-test-rootfs);
-# a finished tree is marked with .jobd-rootfs-ready, so a build cut short is started again.
+# a finished tree is marked with .jobd-rootfs-ready holding the layout version below, so a build
+# cut short, or one made for an older layout of this script, is made again.
 # Needs root and debootstrap (./test.sh installs it).
 set -euo pipefail
 suite=${1:?usage: rootfs.sh SUITE}
+layout="jobd rootfs layout 1"
 cache=${JOBD_ROOTFS_CACHE:-/var/cache/jobd-test-rootfs}
 dest=$cache/$suite
 mkdir -p "$cache"
@@ -16,7 +18,7 @@ mkdir -p "$cache"
 # One builder per suite at a time (CI and a developer may share the cache).
 exec 9>"$cache/.$suite.lock"
 flock 9
-if [ -f "$dest/.jobd-rootfs-ready" ]; then
+if [ "$(cat "$dest/.jobd-rootfs-ready" 2>/dev/null)" = "$layout" ]; then
     echo "$dest"
     exit 0
 fi
@@ -51,12 +53,13 @@ grep -q '^research:' "$tmp/etc/passwd" || {
 mkdir -p "$tmp/home/research"
 chown 0:0 "$tmp/home/research"
 chmod 755 "$tmp/home/research"
-# Mount points: the zipapp is bind-mounted over an empty file, the job inputs under /srv/job.
+# Mount points: the zipapp is bind-mounted over an empty file, a pre-unpacked SHIV_ROOT (the
+# way examples/Dockerfile.research prepares it) over /opt/jobd-cache.
 : >"$tmp/usr/local/bin/jobd"
 chmod 755 "$tmp/usr/local/bin/jobd"
-mkdir -p "$tmp/srv/job"
+mkdir -p "$tmp/opt/jobd-cache"
 rm -rf "$tmp"/var/cache/apt/archives/*.deb "$tmp"/var/lib/apt/lists/*
-touch "$tmp/.jobd-rootfs-ready"
+echo "$layout" >"$tmp/.jobd-rootfs-ready"
 mv "$tmp" "$dest"
 echo "built $dest in $(( $(date +%s) - started ))s ($(du -sh "$dest" | cut -f1))" >&2
 echo "$dest"

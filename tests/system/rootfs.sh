@@ -32,6 +32,11 @@ if [ -z "$mirror" ] && [ -f /etc/apt/sources.list ]; then
     mirror=$(awk '$1 == "deb" && $2 ~ /\/debian\/?$/ {print $2; exit}' /etc/apt/sources.list)
 fi
 mirror=${mirror:-http://deb.debian.org/debian}
+# ... and apt's proxy, when it has one.
+if command -v apt-config >/dev/null; then
+    eval "$(apt-config shell http_proxy Acquire::http::Proxy)"
+    if [ -n "${http_proxy:-}" ]; then export http_proxy; fi
+fi
 
 rm -rf "$dest" "$cache/.$suite.tmp"
 tmp=$cache/.$suite.tmp

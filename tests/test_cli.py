@@ -10,6 +10,7 @@ import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
 import tarfile
@@ -62,14 +63,18 @@ class Cli:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
 
 
-@pytest.fixture
-def native(daemon_factory: Callable[..., Daemon]) -> Daemon:
+def native_daemon(daemon_factory: Callable[..., Daemon], **env: str) -> Daemon:
     """A daemon with the native API (skips, saying why, when this build has none yet)."""
-    daemon = daemon_factory(JOBD_FSYNC="false")
+    daemon = daemon_factory(JOBD_FSYNC="false", **env)
     answer = daemon.client.get("/api/v1/jobs")
     if answer.status_code == 404 and "job" not in answer.text:
         pytest.skip("this build has no native API (/api/v1) yet: the CLI needs branch api")
     return daemon
+
+
+@pytest.fixture
+def native(daemon_factory: Callable[..., Daemon]) -> Daemon:
+    return native_daemon(daemon_factory)
 
 
 @pytest.fixture
@@ -406,6 +411,33 @@ def test_clear_errors_and_exit_codes(cli: Cli, tmp_path: Path) -> None:
     assert cli("submit", job, "--id", "../x").returncode == 2
     assert cli("submit", job, "--label", "novalue").returncode == 2
     assert cli("status", "no-such-job").returncode == 4
+
+
+def test_a_body_too_large_is_reported_not_a_broken_pipe(
+        zipapp: Path, daemon_factory: Callable[..., Daemon], shiv_root: Path,
+        tmp_path: Path) -> None:
+    """The daemon answers 413 before the upload is over and closes: the client reads it."""
+    small = native_daemon(daemon_factory, JOBD_MAX_BODY="1M")
+    cli = Cli(zipapp, small.url, shiv_root, tmp_path)
+    job = write_job(tmp_path / "job", "true\n")
+    (job / "blob").write_bytes(os.urandom(16 << 20))
+    result = cli("submit", job)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr == "Error: request body is larger than 1048576 bytes (HTTP 413)\n"
+
+
+def test_ctrl_c_while_waiting_leaves_the_job_running(cli: Cli, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    job = write_job(tmp_path / "job", f"while [ ! -e {gate} ]; do sleep 0.05; done\n")
+    waiting = cli.popen("submit", job, "--id", "interrupted", "--wait")
+    wait_status(cli, "interrupted", "RUNNING")
+    waiting.send_signal(signal.SIGINT)
+    stdout, stderr = waiting.communicate(timeout=60)
+    assert waiting.returncode == 130
+    assert (stdout, stderr) == ("interrupted\n", "interrupted\n")
+    assert status_of(cli, "interrupted")["status"] == "RUNNING"
+    gate.touch()
+    wait_status(cli, "interrupted", "SUCCESS")
 
 
 def test_version_and_help_document_the_exit_codes(zipapp: Path, shiv_root: Path) -> None:

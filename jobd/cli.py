@@ -21,6 +21,7 @@ from jobd import __version__, client
 from jobd.client import TERMINAL
 from jobd.config import Config, ConfigError, fields, parse_duration
 from jobd.job import STATUSES, id_problem
+from jobd.pack import base64_size
 from jobd.progress import Progress, human_size
 
 EXIT_CODES_HELP = "\b\nExit codes of the client commands:\n" + "\n".join(
@@ -78,7 +79,6 @@ def serve(**flags: Any) -> None:
 
 # ---------------------------------------------------------------------------
 # Client commands: thin wrappers over jobd.client (the HTTP side lives there).
-
 
 
 def _client_command(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -222,9 +222,11 @@ def submit(*, paths: tuple[Path, ...], job_id: str | None, entry: str | None,
             zip_path = inputs[0]
         else:
             zip_path = Path(tmp) / "input.zip"
-            client.build_zip(inputs, zip_path)
-        from jobd.pack import base64_size
-
+            try:
+                client.build_zip(inputs, zip_path)
+            except OSError as exc:  # the temporary directory: full, or not writable
+                raise client.LocalError(f"cannot write {zip_path}: {exc.strerror or exc}") \
+                    from exc
         with Progress("uploading", base64_size(zip_path.stat().st_size)) as meter:
             record = api.submit(zip_path, fields, progress=meter)
     job = str(record["id"])

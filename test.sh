@@ -8,9 +8,10 @@ cd "$(dirname "$0")"
 
 PYTHON=${PYTHON:-python3}
 
-# System tools the black-box tests drive (the spec's jq+curl client, zip, unzip).
+# System tools the black-box tests drive (the spec's jq+curl client, zip, unzip), and
+# debootstrap for the Debian images of tests/test_images.py (cached in /var/cache/jobd-test-rootfs).
 need=()
-for tool in jq curl zip unzip; do
+for tool in jq curl zip unzip debootstrap; do
     command -v "$tool" >/dev/null || need+=("$tool")
 done
 if [ ${#need[@]} -gt 0 ]; then

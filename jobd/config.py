@@ -130,6 +130,10 @@ class Config:
                               "JOBD_PASS_ENV", "Daemon environment variables passed to jobs "
                               "(comma list, `*` as a suffix wildcard) on top of the minimal set "
                               "PATH, LANG, LC_ALL, TZ.", parse_list)
+    specs_dir: str = setting("", "JOBD_SPECS_DIR", "Directory of job spec TOML files (named "
+                             "job templates); empty: no specs.", shown="")
+    locked: bool = setting(False, "JOBD_LOCKED", "Locked-down mode: refuse every "
+                           "client-supplied run.sh (403) and run only job specs.", parse_bool)
     log_level: str = setting("info", "JOBD_LOG_LEVEL", "debug, info, warning or error.")
     access_log: bool = setting(True, "JOBD_ACCESS_LOG", "Log one line per HTTP request.",
                                parse_bool)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobd import archive, job, pack
+from jobd import archive, artifacts, job, pack
 from jobd.config import Config
 from jobd.files import DataDir, JobFiles, fsync_dir
 from jobd.options import param_environment
@@ -34,6 +34,14 @@ class NotFound(LookupError):
 
 class Conflict(RuntimeError):
     """The operation does not fit the job's current status; the message says why."""
+
+
+class Locked(PermissionError):
+    """Locked-down mode: only job specs run, no client-supplied code."""
+
+    def __init__(self) -> None:
+        super().__init__("this daemon is locked down: it runs only job specs "
+                         "(POST /api/v1/specs/{name}/jobs), not uploaded scripts")
 
 
 class JobManager:
@@ -134,6 +142,8 @@ class JobManager:
         `upload` is a file under DATAPATH/.incoming, already checked; it is moved into place
         before the record is written, so a stored job always has its input.
         """
+        if self.config.locked and not (options or {}).get("spec"):
+            raise Locked()
         if self.exists(job_id):
             raise JobExists(job_id)
         self._reserved.add(job_id)
@@ -266,7 +276,8 @@ class JobManager:
                 return
             changes = job.outcome_fields(outcome.exit_code, outcome.signal, reason=outcome.reason)
             try:
-                changes["output_size"] = await asyncio.to_thread(self._pack, files)
+                size, found = await asyncio.to_thread(self._pack, files)
+                changes.update(output_size=size, artifacts=found)
             except OSError as exc:
                 log.error("job %s: packing the result failed: %s", job_id, exc)
                 changes.update(status=job.FAILED, message=f"could not pack the result: {exc}")
@@ -287,13 +298,16 @@ class JobManager:
             await asyncio.to_thread(self._prepare, files)
             if job_id in self._cancel_requested:
                 return Outcome(None, None, "cancelled")
-            env = job_environment(os.environ, self.config.pass_env, {
+            passed = (*self.config.pass_env, *(options.get("pass_env") or ()))
+            env = job_environment(os.environ, passed, {
                 **param_environment(options.get("params") or {}),
                 "JOBD_JOB_ID": job_id, "JOBD_WORKDIR": str(files.work.resolve()),
                 "HOME": str(files.home.resolve()), "TMPDIR": str(files.tmp.resolve()),
+                "JOBD_ARTIFACTS_DIR": str((files.work / artifacts.DIRECTORY).resolve()),
             })
-            argv = command_for(files.work, entry, options.get("args") or (),
-                               function=options.get("function"), path=env.get("PATH"))
+            argv = list(options.get("command") or ()) or command_for(
+                files.work, entry, options.get("args") or (),
+                function=options.get("function"), path=env.get("PATH"))
             process = self.executor.start(argv, cwd=files.work, log_path=files.log, env=env)
         except archive.ArchiveError as exc:
             return Outcome(None, None, f"could not unpack the input: {exc}")
@@ -318,18 +332,22 @@ class JobManager:
         """A fresh working directory with the input unpacked, an empty log, home and tmp."""
         _remove_all(files.work, files.result, files.home, files.tmp)
         archive.extract(files.input, files.work, self.limits)
+        (files.work / artifacts.DIRECTORY).mkdir(exist_ok=True)
         files.home.mkdir()
         files.tmp.mkdir()
         files.log.write_bytes(b"")
 
-    def _pack(self, files: JobFiles) -> int:
+    def _pack(self, files: JobFiles) -> tuple[int, list[dict[str, Any]]]:
+        """The result zip's size and the artifacts listing."""
         if not files.work.exists():
             files.work.mkdir()
+        artifacts.prune_if_empty(files.work)
+        found = artifacts.collect(files.work)
         size = pack.pack_zip(files.work, files.result, level=self.config.zip_level)
         if not self.config.keeps_workdir:
             _remove(files.work)
         _remove_all(files.home, files.tmp)
-        return size
+        return size, found
 
     def _move(self, record: dict[str, Any], changes: dict[str, Any], *,
               durable: bool) -> dict[str, Any]:

@@ -18,7 +18,10 @@ Decisions:
   Windows send `C:\\dir\\x.pdb`), and are refused when that component is empty, `.`, `..`,
   longer than 255 bytes, or when the name holds NUL or control characters anywhere. Two
   files that end up with the same name are refused rather than one silently replacing the
-  other. `a/../../x` is saved as `x`.
+  other. `a/../../x` is saved as `x`. Such a refusal (UnsafeFilename) is raised only once the
+  whole body has been read (later files are dropped, not saved): the body is well-formed
+  multipart, the client still sending gets its answer, and a malformed body wins (plain
+  MultipartError).
 - In a quoted parameter a backslash escapes only `"` and `\\` (what RFC 7578 senders that
   escape use); any other backslash is kept, so a Windows path survives to be split.
 - Nothing here fsyncs the parts: `build_input_zip` makes the durable `input.zip`.
@@ -396,6 +399,8 @@ class FormReader:
         self._value = bytearray()
         self._file: BinaryIO | None = None
         self._saved: dict[str, Any] = {}
+        self._refused: UnsafeFilename | None = None  # raised by finish()
+        self._dropping = False  # in a file part that is not saved
 
     def feed(self, chunk: bytes) -> None:
         self.form.size += len(chunk)
@@ -409,6 +414,8 @@ class FormReader:
 
     def finish(self) -> Form:
         self._parser.close()
+        if self._refused is not None:
+            raise self._refused
         return self.form
 
     def close(self) -> None:
@@ -436,10 +443,16 @@ class FormReader:
             self._field = name
             self._value = bytearray()
             return
-        filename = safe_filename(params["filename"])
-        if filename in self._names:
-            raise UnsafeFilename(f"two files are named {filename!r}"
-                                 f" (from {params['filename']!r}): names must be unique")
+        try:
+            filename = safe_filename(params["filename"])
+            if filename in self._names:
+                raise UnsafeFilename(f"two files are named {filename!r}"
+                                     f" (from {params['filename']!r}): names must be unique")
+        except UnsafeFilename as exc:
+            self._refused = self._refused or exc
+        if self._refused is not None:
+            self._dropping = True
+            return
         self._names.add(filename)
         self.form.directory.mkdir(parents=True, exist_ok=True)
         path = self.form.directory / filename
@@ -449,6 +462,8 @@ class FormReader:
                        "content_type": headers.get("content-type", "")}
 
     def _data(self, data: bytes) -> None:
+        if self._dropping:
+            return
         if self._file is not None:
             self._file.write(data)
             self._saved["size"] += len(data)
@@ -459,6 +474,9 @@ class FormReader:
                                  f" {self._max_field_size} bytes")
 
     def _end(self) -> None:
+        if self._dropping:
+            self._dropping = False
+            return
         if self._file is not None:
             self.close()
             self.form.files.append(SavedFile(**self._saved))
@@ -495,7 +513,8 @@ async def receive_form(request: Request, dest_dir: Path, *,
     """Read a multipart/form-data request, saving file parts into `dest_dir` as they arrive.
 
     Raises MultipartError (400: malformed, or over a cap), its subclasses BodyTooLarge (413)
-    and UnsafeFilename (a file name that cannot be used). On any error `dest_dir` keeps what
+    and UnsafeFilename (a file name that cannot be used: raised only after the whole body was
+    read and found well-formed, so the client gets the answer). On any error `dest_dir` keeps what
     was written: the caller removes it (it should be a fresh directory under
     DATAPATH/.incoming, created here if missing).
     """

@@ -221,6 +221,19 @@ def test_unsafe_file_names(tmp_path: Path, data: bytes, message: str) -> None:
         read(data, tmp_path)
 
 
+def test_unsafe_name_is_reported_after_the_whole_body(tmp_path: Path) -> None:
+    """Later parts are read and dropped; a malformed rest of the body takes precedence."""
+    good = part("file", b"1", "ok.txt")
+    refused = part("file", b"2", "..")
+    later = part("file", b"3" * 5000, "later.bin")
+    with pytest.raises(UnsafeFilename, match="names a directory"):
+        read(body(good, refused, later, part("f", b"v")), tmp_path / "a", chunk=100)
+    assert sorted(os.listdir(tmp_path / "a")) == ["ok.txt"]
+    with pytest.raises(MultipartError, match="closing boundary") as caught:
+        read(body(good, refused, later, close=False), tmp_path / "b")
+    assert not isinstance(caught.value, UnsafeFilename)
+
+
 def test_caps(tmp_path: Path) -> None:
     three = body(part("a", b"1"), part("b", b"2"), part("file", b"3", "c"))
     assert len(read(three, tmp_path / "ok", max_parts=3).files) == 1

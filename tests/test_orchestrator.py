@@ -215,6 +215,14 @@ def test_well_formed_but_unusable_is_invalid(daemon: Daemon,
     assert not (daemon.datapath / str(record["id"])).exists()
 
 
+def test_bad_name_before_a_large_file_still_gets_its_answer(daemon: Daemon) -> None:
+    """The rest of the body is read and dropped, so the client sees 200 Invalid, not a reset."""
+    response = submit(daemon, {"..": "x", "run.sh": "true\n", "big": os.urandom(8 << 20)})
+    assert response.status_code == 200
+    assert response.json()["status"] == "Invalid"
+    assert daemon.client.get("/health").status_code == 200
+
+
 # -- 400 for malformed bodies -----------------------------------------------------------------
 
 

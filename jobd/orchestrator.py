@@ -149,8 +149,7 @@ async def submit(request: Request) -> Response:
                          ", ".join(sorted(form.fields)))
             try:
                 await asyncio.to_thread(multipart.build_input_zip, form, input_zip,
-                                        limits=manager.limits, level=config.zip_level,
-                                        fsync=config.fsync)
+                                        limits=manager.limits, fsync=config.fsync)
             except archive.ArchiveError as exc:
                 invalid = str(exc)
         job_id = manager.new_numeric_id()

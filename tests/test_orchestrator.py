@@ -16,7 +16,7 @@ import pytest
 
 from jobd import cpu
 from jobd.counter import CounterError, NumericIds
-from tests.conftest import Daemon, make_zip, wait_until
+from tests.conftest import Daemon, make_zip, python39, wait_until
 
 PAYLOAD_KEYS = ["id", "status", "loc", "pid", "killed"]
 B = "jobdTestBoundary"
@@ -383,6 +383,16 @@ def test_load_is_a_bare_number(daemon: Daemon) -> None:
 def test_root_and_health(daemon: Daemon) -> None:
     assert daemon.client.get("/").status_code == 200
     assert daemon.client.get("/health").json() == {"status": "healthy"}
+
+
+@pytest.mark.skipif(python39() is None, reason="needs CPython 3.9")
+def test_protocol_on_python_3_9(daemon_factory) -> None:
+    daemon = daemon_factory(interpreter=python39())
+    record = submitted(daemon, {"run.sh": "echo 39 > out.txt\n", "a/../in.txt": "x"})
+    wait_status(daemon, record["id"], "Completed")
+    assert zip_files(retrieve(daemon, record["id"]).content)["out.txt"] == b"39\n"
+    assert 0 <= daemon.client.get("/load").json() <= 100
+    assert "jobd_jobs" in daemon.client.get("/metrics").text
 
 
 # -- units: CPU usage and the id counter ------------------------------------------------------

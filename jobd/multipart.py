@@ -55,6 +55,7 @@ __all__ = [
     "UnsafeFilename",
     "boundary_of",
     "build_input_zip",
+    "parse_params",
     "read_form",
     "receive_form",
     "safe_filename",

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from jobd import api, classic, openapi
+from jobd import api, classic, metrics, openapi, orchestrator
 from jobd.config import Config
 from jobd.manager import JobManager
 from jobd.reaper import Reaper
@@ -77,6 +77,7 @@ def create_app(config: Config, *, store: JobStore | None = None,
         reaper = Reaper(adopt_orphans=adopt_orphans)
         reaper.start()
         manager = JobManager(config, own_store, reaper)
+        manager.job_end_listeners.append(app.state.metrics.observe_job)
         app.state.manager = manager
         await manager.start()
         log.info("jobd ready: %d slot(s), data in %s, database in %s",
@@ -94,9 +95,13 @@ def create_app(config: Config, *, store: JobStore | None = None,
         *classic.routes,
         *api.routes,
         *openapi.routes,
+        *orchestrator.routes,
+        Route("/metrics", metrics.endpoint, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: http_error})
+    app.state.metrics = metrics.Metrics()
+    app.add_middleware(metrics.HTTPMetrics, metrics=app.state.metrics)
     if config.access_log:
         app.add_middleware(RequestLog)
     return app

@@ -91,6 +91,14 @@ def new_record(job_id: str, *, protocol: str, executor: str = "local", priority:
     }
 
 
+# options[INVALID] marks a submission refused for its content but recorded (FAILED) anyway.
+INVALID = "invalid"
+
+
+def is_invalid(record: dict[str, Any]) -> bool:
+    return bool((record.get("options") or {}).get(INVALID))
+
+
 def signal_name(signum: int) -> str:
     try:
         return _signal.Signals(signum).name

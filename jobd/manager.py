@@ -12,10 +12,11 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from jobd import archive, artifacts, job, pack
 from jobd.config import Config
+from jobd.counter import NumericIds
 from jobd.files import DataDir, JobFiles, fsync_dir
 from jobd.options import param_environment
 from jobd.reaper import Reaper
@@ -65,12 +66,17 @@ class JobManager:
         self._stopping = False
         self._sweeper: asyncio.Task[None] | None = None
         self._stop_task: asyncio.Task[None] | None = None
+        # Called with the final record of every job that ran and ended (metrics).
+        self.job_end_listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.numeric_ids: NumericIds | None = None  # built in start()
 
     # -- life cycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         self.data.create()
         await asyncio.to_thread(self._clean_disk)
+        self.numeric_ids = NumericIds(self.config.db_path, self._all_ids(),
+                                      fsync=self.config.fsync)
         self._recover()
         self.scheduler.start()
         if self.config.retention > 0:
@@ -170,6 +176,42 @@ class JobManager:
             fsync_dir(files.root)
             fsync_dir(self.data.root)
 
+    async def create_invalid(self, job_id: str, reason: str, *, protocol: str,
+                             options: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Record a submission refused for its content as a FAILED job marked invalid.
+
+        For protocols that must answer a refused submission with a job id anyway (the
+        job-orchestrator's `Invalid` payload). Nothing is stored on disk but the record, so
+        such a job cannot be restarted.
+        """
+        if self.exists(job_id):
+            raise JobExists(job_id)
+        now = time.time()
+        record = job.new_record(job_id, protocol=protocol, now=now,
+                                options={**(options or {}), job.INVALID: True})
+        record.update(status=job.FAILED, message=reason, finished=now)
+        record = self.store.add(record)
+        log.info("job %s refused (%s): %s", job_id, protocol, reason)
+        return record
+
+    def new_numeric_id(self) -> str:
+        """A numeric id never handed out before (see counter.py)."""
+        assert self.numeric_ids is not None, "JobManager.start() first"
+        return str(self.numeric_ids.allocate(self.exists))
+
+    def numeric_id_issued(self, job_id: str) -> bool:
+        """Whether a numeric id was handed out (its job may since have been deleted)."""
+        return (self.numeric_ids is not None and job_id.isdigit() and job_id.isascii()
+                and self.numeric_ids.issued(int(job_id)))
+
+    def pid(self, job_id: str) -> int | None:
+        """The process id of a running job's run.sh (its process group), if it runs here."""
+        process = self._processes.get(job_id)
+        return process.pid if process is not None else None
+
+    def _all_ids(self) -> list[str]:
+        return [i for status in job.STATUSES for i in self.store.ids_with_status(status)]
+
     async def cancel(self, job_id: str) -> tuple[dict[str, Any], bool]:
         """Cancel a job; idempotent. Returns the record and whether anything changed."""
         record = self.get(job_id)
@@ -192,6 +234,8 @@ class JobManager:
         record = self.get(job_id)
         if not job.is_terminal(record["status"]):
             raise Conflict(f"job is {record['status']}: only a finished job can be restarted")
+        if job.is_invalid(record):
+            raise Conflict("job was refused at submission: it has no input to restart from")
         files = self.files(job_id)
         await asyncio.to_thread(_remove_all, files.work, files.result, files.log)
         record = self._move(record, job.restart_fields(), durable=True)
@@ -289,6 +333,17 @@ class JobManager:
         finally:
             self._cancel_requested.discard(job_id)
             self._notify_finished(job_id)
+            self._notify_end(job_id)
+
+    def _notify_end(self, job_id: str) -> None:
+        record = self.store.get(job_id)
+        if record is None or not job.is_terminal(record["status"]):
+            return  # requeued by a stop
+        for listener in self.job_end_listeners:
+            try:
+                listener(record)
+            except Exception:
+                log.exception("job %s: a job-end listener failed", job_id)
 
     async def _run(self, record: dict[str, Any], files: JobFiles) -> Outcome:
         job_id = record["id"]

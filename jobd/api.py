@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -19,10 +20,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from jobd import archive, download, job, logs, pack
+from jobd import archive, download, job, logs, multipart, pack
 from jobd.classic import BodyTooLarge, receive_upload
-from jobd.manager import Conflict, JobManager, NotFound
-from jobd.options import DEFAULT_ENTRY, JobRequest, OptionError, parse_request, shown_params
+from jobd.manager import Conflict, JobManager, Locked, NotFound
+from jobd.options import (
+    DEFAULT_ENTRY,
+    JobRequest,
+    OptionError,
+    from_form,
+    parse_request,
+    shown_params,
+)
 from jobd.store import JobExists
 from jobd.upload import UploadError
 
@@ -151,6 +159,8 @@ def endpoint(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
 @endpoint
 async def create(request: Request) -> Response:
     """POST /api/v1/jobs: JSON (base64 zip in `input`) or multipart/form-data."""
+    if _manager(request).config.locked:
+        return problem(403, str(Locked()))
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media == "multipart/form-data":
         return await create_multipart(request)
@@ -158,15 +168,40 @@ async def create(request: Request) -> Response:
 
 
 async def create_multipart(request: Request) -> Response:
-    """multipart/form-data create: not in this build yet.
+    """multipart/form-data create: file parts become the working directory (one archive part
+    is unpacked), text fields are the same options as the JSON body."""
+    manager = _manager(request)
+    config = manager.config
+    form_dir = manager.data.new_incoming(suffix=".form")
+    input_zip = manager.data.new_incoming()
+    try:
+        try:
+            form = await multipart.receive_form(request, form_dir, max_body=config.max_body)
+        except multipart.BodyTooLarge as exc:
+            return problem(413, str(exc))
+        except multipart.MultipartError as exc:
+            return problem(400, f"malformed multipart body: {exc}")
+        try:
+            asked = parse_request(from_form(form.fields))
+        except OptionError as exc:
+            return problem(400, str(exc))
+        try:
+            await asyncio.to_thread(multipart.build_input_zip, form, input_zip,
+                                    limits=manager.limits, required=asked.entry,
+                                    fsync=config.fsync)
+        except archive.ArchiveError as exc:
+            return problem(400, str(exc))
+        return await _store_job(manager, asked, input_zip)
+    finally:
+        await asyncio.to_thread(_remove_paths, form_dir, input_zip)
 
-    The streaming multipart parser (`jobd/multipart.py`) is being written separately; wiring
-    it here means: parse the form, turn its text fields into JSON values with
-    `options.from_form`, build the input zip from the file parts (or take the one archive
-    part), then continue as `create_json` does from `_store_job`.
-    """
-    return problem(415, "multipart/form-data uploads are not supported by this daemon yet: "
-                        "send application/json with the zip base64-encoded in \"input\"")
+
+def _remove_paths(*paths: Path) -> None:
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 async def create_json(request: Request) -> Response:
@@ -212,6 +247,8 @@ async def _store_job(manager: JobManager, asked: JobRequest, upload: Path) -> Re
                                       executor=asked.executor)
     except JobExists:
         return problem(409, f"job {job_id} already exists")
+    except Locked as exc:
+        return problem(403, str(exc))
     return JSONResponse(job_view(record), 201, headers={"Location": f"{PREFIX}/jobs/{job_id}"})
 
 

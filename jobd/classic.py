@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from jobd import archive, job, pack
-from jobd.manager import JobManager, NotFound
+from jobd.manager import JobManager, Locked, NotFound
 from jobd.store import JobExists
 from jobd.upload import ClassicBodyScanner, UploadError
 
@@ -117,6 +117,8 @@ async def receive_upload(request: Request, dest: Path, max_body: int,
 async def upload(request: Request) -> Response:
     manager: JobManager = request.app.state.manager
     config = manager.config
+    if config.locked:
+        return error(403, "forbidden", str(Locked()))
     incoming = manager.data.new_incoming()
     try:
         try:

@@ -18,6 +18,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from jobd import __version__, job
+from jobd.api import CODES
 from jobd.options import FIELDS, MAX_LABELS, MAX_PARAMS
 
 # -- building blocks -----------------------------------------------------------------------------
@@ -43,10 +44,8 @@ def json_content(schema: dict[str, Any], example: Any = None,
 
 def error(description: str, status: int, message: str,
           schema: str = "Error", code: str | None = None) -> dict[str, Any]:
-    codes = {400: "bad_request", 404: "not_found", 409: "conflict", 413: "payload_too_large",
-             415: "unsupported_media_type", 416: "range_not_satisfiable", 202: "no_content",
-             507: "insufficient_storage"}
-    example = {"error": code or codes[status], "message": message, "status": status}
+    example = {"error": code or {202: "no_content", **CODES}[status], "message": message,
+               "status": status}
     return {"description": description, "content": json_content(ref(schema), example)}
 
 
@@ -330,8 +329,10 @@ CREATE = {
     "description": "Stores the job and queues it; it starts at once if a slot is free. The "
                    "archive is checked before the answer (sound zip, safe names, the entry "
                    "point present): nothing is stored for a refused request.\n\n"
-                   "`multipart/form-data` (file parts and the same fields as text) is answered "
-                   "415 by this build.",
+                   "`multipart/form-data`: file parts (any field name, each with a filename) "
+                   "are the working directory, or one archive part (zip, tar, tar.gz) is "
+                   "unpacked; text fields are the JSON fields as text (`args`, `params`, "
+                   "`labels` as JSON text).",
     "requestBody": {"required": True, "content": {
         **json_content(ref("JobCreate"), examples={
             "script": {"id": "fold-42", "input": "UEsDBBQAAAAIAA...", "args": ["--fast"],
@@ -339,8 +340,14 @@ CREATE = {
             "function": {"input": "UEsDBBQAAAAIAA...", "function": "tool.py:main",
                          "args": ["input.fasta"]},
         }),
-        "multipart/form-data": {"schema": {"type": "object", "description":
-                                           "Not supported by this build (415)."}},
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
+            "id": {"type": "string"}, "entry": {"type": "string"},
+            "args": {"type": "string", "description": "JSON list of strings"},
+            "params": {"type": "string", "description": "JSON object"},
+            "labels": {"type": "string", "description": "JSON object"},
+            "timeout": {"type": "string"}, "priority": {"type": "string"},
+            "function": {"type": "string"}, "executor": {"type": "string"}}}},
     }},
     "responses": {
         "201": {"description": "Stored, status QUEUED.",
@@ -366,9 +373,9 @@ CREATE = {
         "409": error("A job with this id exists.", 409, "job fold-42 already exists"),
         "413": error("The body is larger than JOBD_MAX_BODY.", 413,
                      "request body is larger than 8589934592 bytes"),
-        "415": error("multipart/form-data is not supported by this build.", 415,
-                     "multipart/form-data uploads are not supported by this daemon yet: send "
-                     "application/json with the zip base64-encoded in \"input\""),
+        "403": error("Locked-down mode: only job specs run.", 403,
+                     "this daemon is locked down: it runs only job specs "
+                     "(POST /api/v1/specs/{name}/jobs), not uploaded scripts"),
     },
 }
 
@@ -600,6 +607,94 @@ HEALTH = {
                           "content": json_content(ref("Health"), {"status": "healthy"})}},
 }
 
+PAYLOAD = {
+    "type": "object", "required": ["id", "status", "loc", "pid", "killed"],
+    "additionalProperties": False,
+    "properties": {
+        "id": {"type": "integer", "minimum": 0}, "loc": {"type": "string"},
+        "status": {"type": "string", "enum": ["Prepared", "Running", "Completed", "Failed",
+                                              "Invalid", "Killed", "Cleaned"]},
+        "pid": {"type": "integer", "minimum": 0}, "killed": {"type": "boolean"},
+    },
+}
+PAYLOAD_EXAMPLE = {"id": 1, "status": "Prepared", "loc": "/data/1/work", "pid": 0,
+                   "killed": False}
+ZIP = {"application/zip": {"schema": {"type": "string", "format": "binary"}}}
+ORCH_ERROR = {"type": "object", "required": ["error", "message", "status"],
+              "properties": {"error": {"type": "string"}, "message": {"type": "string"},
+                             "status": {"type": "integer"}}}
+NUMERIC_ID = {"name": "id", "in": "path", "required": True, "description": "The payload id.",
+              "schema": {"type": "integer", "minimum": 0}, "example": 1}
+
+
+def orch_error(description: str, status: int, code: str, message: str) -> dict[str, Any]:
+    return {"description": description, "content": json_content(
+        ORCH_ERROR, {"error": code, "message": message, "status": status})}
+
+
+ORCH_UNKNOWN = orch_error("No payload with this id.", 404, "not_found", "payload not found")
+
+SUBMIT = {
+    "tags": ["orchestrator"], "operationId": "orchestratorSubmit",
+    "summary": "job-orchestrator: submit a payload",
+    "description": "Parts named `file`, each with a filename, one of them `run.sh`. A body "
+                   "that is well formed but cannot make a job is stored as `Invalid`.",
+    "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "properties": {"file": {"type": "array", "items": {
+            "type": "string", "format": "binary"}}}}}}},
+    "responses": {
+        "200": {"description": "The payload record.",
+                "content": json_content(PAYLOAD, PAYLOAD_EXAMPLE)},
+        "400": orch_error("A malformed multipart body.", 400, "bad_request",
+                          "malformed multipart body: no closing boundary"),
+        "403": orch_error("Locked-down mode.", 403, "forbidden",
+                          "this daemon is locked down: it runs only job specs"),
+        "413": orch_error("Larger than JOBD_MAX_BODY.", 413, "request_entity_too_large",
+                          "request body is larger than 8589934592 bytes"),
+        "507": orch_error("No space left.", 507, "insufficient_storage", "no space left"),
+    },
+}
+RETRIEVE = {
+    "tags": ["orchestrator"], "operationId": "orchestratorRetrieve",
+    "summary": "job-orchestrator: the result once Completed, else the payload record",
+    "parameters": [NUMERIC_ID],
+    "responses": {"200": {"description": "The zip when Completed, else the record.",
+                          "content": {**ZIP, **json_content(PAYLOAD, PAYLOAD_EXAMPLE)}},
+                  "404": ORCH_UNKNOWN},
+}
+RETRIEVE_PARTIAL = {
+    "tags": ["orchestrator"], "operationId": "orchestratorRetrievePartial",
+    "summary": "job-orchestrator: the working directory as it is now",
+    "parameters": [NUMERIC_ID],
+    "responses": {"200": {"description": "A zip, whatever the status.", "content": ZIP},
+                  "404": ORCH_UNKNOWN},
+}
+KILL = {
+    "tags": ["orchestrator"], "operationId": "orchestratorKill",
+    "summary": "job-orchestrator: terminate a payload", "parameters": [NUMERIC_ID],
+    "responses": {"200": {"description": "Killed (or already ended): empty body."},
+                  "404": ORCH_UNKNOWN,
+                  "500": orch_error("The process did not end.", 500, "kill_failed",
+                                    "the payload did not stop within 15s")},
+}
+LOAD = {
+    "tags": ["orchestrator"], "operationId": "orchestratorLoad",
+    "summary": "job-orchestrator: CPU usage in percent",
+    "responses": {"200": {"description": "A bare number, 0 to 100.", "content": json_content(
+        {"type": "number", "minimum": 0, "maximum": 100}, 12.5)}},
+}
+ROOT = {
+    "tags": ["orchestrator"], "operationId": "root", "summary": "Connectivity check",
+    "responses": {"200": {"description": "The daemon's name and version.",
+                          "content": json_content({"type": "object"},
+                                                  {"name": "jobd", "version": __version__})}},
+}
+METRICS = {
+    "tags": ["daemon"], "operationId": "metrics", "summary": "Prometheus metrics",
+    "responses": {"200": {"description": "The Prometheus text exposition format.",
+                          "content": {"text/plain": {"schema": {"type": "string"}}}}},
+}
+
 CLASSIC_UPLOAD = {
     "tags": ["classic"], "operationId": "classicUpload", "summary": "Classic jobd upload",
     "description": "The Go jobd's upload, byte for byte (see the README).",
@@ -668,6 +763,7 @@ def document() -> dict[str, Any]:
             {"name": "files", "description": "The working directory: live while it runs."},
             {"name": "daemon", "description": "Health, overview, this document."},
             {"name": "classic", "description": "The Go jobd's protocol, unchanged."},
+            {"name": "orchestrator", "description": "job-orchestrator's client protocol."},
         ],
         "paths": {
             "/api/v1/jobs": {"post": CREATE, "get": LIST},
@@ -682,6 +778,13 @@ def document() -> dict[str, Any]:
             "/health": {"get": HEALTH},
             "/api/upload": {"post": CLASSIC_UPLOAD},
             "/api/get/{id}": {"get": CLASSIC_GET},
+            "/submit": {"post": SUBMIT},
+            "/retrieve/{id}": {"get": RETRIEVE},
+            "/retrieve_partial/{id}": {"get": RETRIEVE_PARTIAL},
+            "/kill/{id}": {"post": KILL},
+            "/load": {"get": LOAD},
+            "/": {"get": ROOT},
+            "/metrics": {"get": METRICS},
             "/openapi.json": {"get": OPENAPI},
             "/docs": {"get": DOCS},
         },

@@ -43,7 +43,7 @@ from starlette.routing import Route
 
 from jobd import __version__, archive, job, multipart, pack
 from jobd.cpu import CpuLoad
-from jobd.manager import JobManager, NotFound
+from jobd.manager import JobManager, Locked, NotFound
 
 log = logging.getLogger("jobd.orchestrator")
 
@@ -131,6 +131,8 @@ def _zip_bytes(data: bytes) -> Response:
 async def submit(request: Request) -> Response:
     manager: JobManager = request.app.state.manager
     config = manager.config
+    if config.locked:
+        return error(403, "forbidden", str(Locked()))
     form_dir = manager.data.new_incoming(suffix=".form")
     input_zip = manager.data.new_incoming()
     try:

@@ -181,11 +181,51 @@ def test_taken_id_is_a_409(daemon: Daemon) -> None:
                                "status": 409}
 
 
-def test_multipart_is_refused_with_415_for_now(daemon: Daemon) -> None:
-    response = daemon.client.post("/api/v1/jobs", files={"run.sh": b"true\n"})
-    assert response.status_code == 415
-    assert response.json()["error"] == "unsupported_media_type"
-    assert "multipart/form-data uploads are not supported" in response.json()["message"]
+def test_multipart_create_with_files_and_fields(daemon: Daemon) -> None:
+    files = [("file", ("run.sh", b"echo $JOBD_PARAM_N $1 > out.txt\n")),
+             ("file", ("data.txt", b"hello"))]
+    response = daemon.client.post("/api/v1/jobs", files=files, data={
+        "id": "multi", "args": '["x"]', "params": '{"n": 3}', "labels": '{"k": "v"}'})
+    assert response.status_code == 201, response.text
+    assert response.json()["labels"] == {"k": "v"}
+    daemon.wait_done("multi")
+    out = daemon.client.get("/api/v1/jobs/multi/files/out.txt")
+    assert out.text == "3 x\n"
+    assert daemon.client.get("/api/v1/jobs/multi/files/data.txt").text == "hello"
+
+
+def test_multipart_create_from_one_tar_gz(daemon: Daemon, tmp_path: Path) -> None:
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "run.sh").write_text("cat sub/in.txt > out.txt\n")
+    (src / "sub" / "in.txt").write_text("from tar")
+    bundle = tmp_path / "job.tar.gz"
+    with tarfile.open(bundle, "w:gz") as tar:
+        tar.add(src / "run.sh", "run.sh")
+        tar.add(src / "sub", "sub")
+    response = daemon.client.post("/api/v1/jobs", data={"id": "fromtar"},
+                                  files=[("file", ("job.tar.gz", bundle.read_bytes()))])
+    assert response.status_code == 201, response.text
+    assert daemon.wait_done("fromtar").json()["Status"] == "SUCCESS"
+    assert daemon.client.get("/api/v1/jobs/fromtar/files/out.txt").text == "from tar"
+
+
+@pytest.mark.parametrize(("files", "data", "message"), [
+    ([("file", ("other.sh", b"true"))], {}, "run.sh does not exist"),
+    ([("file", ("run.sh", b"true"))], {"colour": "red"}, "unknown field"),
+    ([("file", ("run.sh", b"true"))], {"params": "{not json"}, "JSON text"),
+    ([("file", ("../run.sh", b"true")), ("file", ("run.sh", b"x"))], {}, ""),
+])
+def test_multipart_create_errors(daemon: Daemon, files: list, data: dict,
+                                 message: str) -> None:
+    response = daemon.client.post("/api/v1/jobs", files=files, data=data)
+    assert response.status_code == 400, response.text
+    assert message in response.json()["message"]
+    malformed = daemon.client.post("/api/v1/jobs", content=b"--x\r\nbroken",
+                                   headers={"Content-Type": "multipart/form-data; boundary=x"})
+    assert malformed.status_code == 400
+    assert "malformed multipart body" in malformed.json()["message"]
 
 
 def test_body_over_the_limit_is_a_413(daemon_factory: Any) -> None:

@@ -8,9 +8,11 @@ native job view (RFC 3339 times, signal names, redacted secrets). Errors always 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import time
+import zipfile
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from jobd import archive, download, job, logs, multipart, pack
+from jobd import archive, artifacts, download, job, logs, multipart, pack
 from jobd.classic import BodyTooLarge, receive_upload
 from jobd.manager import Conflict, JobManager, Locked, NotFound
 from jobd.options import (
@@ -31,6 +33,7 @@ from jobd.options import (
     parse_request,
     shown_params,
 )
+from jobd.spec import ParamError, Spec
 from jobd.store import JobExists
 from jobd.upload import UploadError
 
@@ -92,6 +95,7 @@ def job_view(record: dict[str, Any], now: float | None = None) -> dict[str, Any]
         "function": options.get("function"), "timeout": options.get("timeout"),
         "executor": record.get("executor") or "local", "protocol": record.get("protocol"),
         "input_size": record.get("input_size"), "output_size": record.get("output_size"),
+        "spec": options.get("spec"),
     }
 
 
@@ -511,6 +515,151 @@ async def overview(request: Request) -> Response:
     })
 
 
+# -- specs and artifacts ------------------------------------------------------------------------
+
+SPEC_FIELDS = ("id", "input", "params", "labels", "priority", "timeout")
+
+
+def _spec(request: Request) -> Spec:
+    spec = _manager(request).specs.get(request.path_params["name"])
+    if spec is None:
+        raise ApiError(404, "spec not found")
+    return spec
+
+
+@endpoint
+async def list_specs(request: Request) -> Response:
+    specs = _manager(request).specs
+    return JSONResponse({"specs": [specs[name].describe() for name in sorted(specs)]})
+
+
+@endpoint
+async def get_spec(request: Request) -> Response:
+    return JSONResponse(_spec(request).describe())
+
+
+@endpoint
+async def create_from_spec(request: Request) -> Response:
+    """POST /api/v1/specs/{name}/jobs: parameter values (and optional files) make a job."""
+    spec = _spec(request)
+    manager = _manager(request)
+    config = manager.config
+    form_dir = manager.data.new_incoming(suffix=".form")
+    incoming = manager.data.new_incoming()
+    try:
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media == "multipart/form-data":
+            try:
+                form = await multipart.receive_form(request, form_dir, max_body=config.max_body)
+            except multipart.BodyTooLarge as exc:
+                return problem(413, str(exc))
+            except multipart.MultipartError as exc:
+                return problem(400, f"malformed multipart body: {exc}")
+            fields = _spec_form_fields(form.fields)
+            if form.files:
+                await _build_zip(multipart.build_input_zip, form, incoming,
+                                 limits=manager.limits, required=None, fsync=config.fsync)
+        else:
+            try:
+                fields, scanner = await receive_upload(request, incoming, config.max_body,
+                                                       config.fsync)
+            except UploadError as exc:
+                return problem(400, str(exc).replace(_READING, "the body is not a JSON object: "))
+            except BodyTooLarge:
+                return problem(413, f"request body is larger than {config.max_body} bytes")
+            if not scanner.found_input or scanner.input_size == 0:
+                incoming.unlink()
+        unknown = sorted(set(fields) - set(SPEC_FIELDS))
+        if unknown:
+            return problem(400, f"unknown field {unknown[0]!r} (allowed: "
+                                f"{', '.join(SPEC_FIELDS)})")
+        try:
+            asked = parse_request({k: v for k, v in fields.items() if k != "params"})
+        except OptionError as exc:
+            return problem(400, str(exc))
+        params = fields.get("params") or {}
+        if not isinstance(params, dict):
+            return problem(400, "params must be an object of parameter values")
+        try:
+            values = spec.values(params)
+        except ParamError as exc:
+            return problem(400, str(exc))
+        if not incoming.exists():
+            _empty_zip(incoming)
+        names = await _build_zip(archive.check_zip, incoming, manager.limits, None)
+        present = {name.rstrip("/") for name in names}
+        for path in spec.files(values):
+            if path not in present:
+                name = next(n for n, v in values.items() if v == path)
+                return problem(400, f"parameter '{name}': file '{path}' is not among the "
+                                    "uploaded files")
+        options = {"spec": spec.name, "entry": None, "command": spec.argv(values),
+                   "pass_env": list(spec.env), "limits": dict(spec.limits),
+                   "params": {name.upper(): _param_text(value) for name, value in values.items()},
+                   "timeout": asked.timeout or spec.timeout}
+        job_id = asked.job_id or job.new_id()
+        try:
+            record = await manager.create(
+                job_id, incoming, protocol="native", options=options,
+                priority=asked.priority if "priority" in fields else spec.priority,
+                labels=asked.labels, executor=spec.executor)
+        except JobExists:
+            return problem(409, f"job {job_id} already exists")
+        return JSONResponse(job_view(record), 201, headers={"Location": f"{PREFIX}/jobs/{job_id}"})
+    finally:
+        await asyncio.to_thread(_remove_paths, form_dir, incoming)
+
+
+async def _build_zip(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run an archive step in a thread; its ArchiveError is the client's 400."""
+    try:
+        return await asyncio.to_thread(function, *args, **kwargs)
+    except archive.ArchiveError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+def _spec_form_fields(texts: dict[str, str]) -> dict[str, Any]:
+    """Form fields: id, labels, priority, timeout and params (JSON) as in a JSON body; any
+    other text field is the value of the parameter of that name."""
+    options = {"id", "labels", "priority", "timeout"}  # files come as parts, not `input`
+    fields = from_form({k: v for k, v in texts.items() if k.lower() in options})
+    params: dict[str, Any] = {}
+    if "params" in {k.lower() for k in texts}:
+        raw = next(v for k, v in texts.items() if k.lower() == "params")
+        try:
+            params = json.loads(raw)
+        except ValueError as exc:
+            raise ApiError(400, f"field 'params' must be JSON text: {exc}") from None
+    for key, value in texts.items():
+        if key.lower() not in options and key.lower() != "params":
+            params[key] = value
+    fields["params"] = params
+    return fields
+
+
+def _param_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _empty_zip(path: Path) -> None:
+    with zipfile.ZipFile(path, "w"):
+        pass  # a spec job without uploaded files still has an input (restart, recovery)
+
+
+@endpoint
+async def list_artifacts(request: Request) -> Response:
+    manager = _manager(request)
+    record = _record(request)
+    if job.is_terminal(record["status"]):
+        found = record.get("artifacts") or []
+    else:
+        work = manager.files(record["id"]).work
+        found = await asyncio.to_thread(artifacts.collect, work) if work.is_dir() else []
+    return JSONResponse({"artifacts": found})
+
+
 routes = [
     Route(f"{PREFIX}/jobs", create, methods=["POST"]),
     Route(f"{PREFIX}/jobs", list_jobs, methods=["GET"]),
@@ -523,4 +672,8 @@ routes = [
     Route(f"{PREFIX}/jobs/{{id}}/files/{{path:path}}", get_file, methods=["GET"]),
     Route(f"{PREFIX}/jobs/{{id}}/archive", get_archive, methods=["GET"]),
     Route(f"{PREFIX}/overview", overview, methods=["GET"]),
+    Route(f"{PREFIX}/jobs/{{id}}/artifacts", list_artifacts, methods=["GET"]),
+    Route(f"{PREFIX}/specs", list_specs, methods=["GET"]),
+    Route(f"{PREFIX}/specs/{{name}}", get_spec, methods=["GET"]),
+    Route(f"{PREFIX}/specs/{{name}}/jobs", create_from_spec, methods=["POST"]),
 ]

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -19,6 +20,7 @@ from jobd import api, classic, metrics, openapi, orchestrator
 from jobd.config import Config
 from jobd.manager import JobManager
 from jobd.reaper import Reaper
+from jobd.spec import Spec, load_specs
 from jobd.store import JobStore
 
 log = logging.getLogger("jobd.http")
@@ -63,7 +65,18 @@ class RequestLog:
                      status, (time.perf_counter() - started) * 1000)
 
 
+def load_configured_specs(config: Config) -> dict[str, Spec]:
+    """The specs of JOBD_SPECS_DIR; a broken one raises SpecError (the daemon must not start)."""
+    if not config.specs_dir:
+        return {}
+    specs = load_specs(Path(config.specs_dir))
+    log.info("loaded %d job spec(s) from %s: %s", len(specs), config.specs_dir,
+             ", ".join(sorted(specs)) or "none")
+    return specs
+
+
 def create_app(config: Config, *, store: JobStore | None = None,
+               specs: dict[str, Spec] | None = None,
                adopt_orphans: bool = False) -> Starlette:
     """The whole daemon as an ASGI app.
 
@@ -77,6 +90,7 @@ def create_app(config: Config, *, store: JobStore | None = None,
         reaper = Reaper(adopt_orphans=adopt_orphans)
         reaper.start()
         manager = JobManager(config, own_store, reaper)
+        manager.specs = specs if specs is not None else load_configured_specs(config)
         manager.job_end_listeners.append(app.state.metrics.observe_job)
         app.state.manager = manager
         await manager.start()

@@ -22,6 +22,7 @@ from jobd.options import param_environment
 from jobd.reaper import Reaper
 from jobd.run import LocalExecutor, LocalProcess, Outcome, StartError, command_for, job_environment
 from jobd.schedule import Scheduler
+from jobd.spec import Spec
 from jobd.store import JobExists, JobStore
 
 log = logging.getLogger("jobd.jobs")
@@ -66,6 +67,7 @@ class JobManager:
         self._stopping = False
         self._sweeper: asyncio.Task[None] | None = None
         self._stop_task: asyncio.Task[None] | None = None
+        self.specs: dict[str, Spec] = {}
         # Called with the final record of every job that ran and ended (metrics).
         self.job_end_listeners: list[Callable[[dict[str, Any]], None]] = []
         self.numeric_ids: NumericIds | None = None  # built in start()

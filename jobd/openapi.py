@@ -71,6 +71,7 @@ JOB_EXAMPLE = {
     "priority": 0, "labels": {"project": "p1"}, "entry": "run.sh", "args": ["--fast"],
     "params": {"N": 3, "API_TOKEN": "<redacted>"}, "function": None, "timeout": 3600.0,
     "executor": "local", "protocol": "native", "input_size": 1234, "output_size": None,
+    "spec": None,
 }
 FINISHED_EXAMPLE = {**JOB_EXAMPLE, "status": "FAILED",
                     "message": "could not finish the job, error: signal: SIGKILL (9)",
@@ -141,6 +142,28 @@ SCHEMAS: dict[str, Any] = {
             "input_size": nullable("integer", minimum=0),
             "output_size": nullable("integer", minimum=0,
                                     description="Bytes of the result zip, once packed."),
+            "spec": nullable("string", description="The job spec it was created from."),
+        },
+    },
+    "Artifact": {
+        "type": "object", "additionalProperties": False,
+        "required": ["name", "path", "size", "mime", "sha256"],
+        "properties": {
+            "name": {"type": "string", "description": "Path inside artifacts/."},
+            "path": {"type": "string", "description": "Path in the working directory (for "
+                                                       "`/files/{path}`)."},
+            "size": {"type": "integer", "minimum": 0}, "mime": {"type": "string"},
+            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        },
+    },
+    "Spec": {
+        "type": "object", "required": ["name", "description", "timeout", "priority",
+                                       "executor", "parameters"],
+        "properties": {
+            "name": {"type": "string"}, "description": {"type": "string"},
+            "timeout": nullable("number"), "priority": {"type": "integer"},
+            "executor": {"type": "string"},
+            "parameters": {"type": "object", "description": "A JSON Schema of the values."},
         },
     },
     "JobCreate": {
@@ -315,7 +338,8 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "error": {"type": "string", "enum": ["bad_request", "not_found", "no_content",
                                                  "request_entity_too_large",
-                                                 "method_not_allowed"]},
+                                                 "method_not_allowed", "forbidden", "unauthorized",
+                                                 "too_many_requests", "insufficient_storage"]},
             "message": {"type": "string"},
             "status": {"type": "integer"},
         },
@@ -607,6 +631,66 @@ HEALTH = {
                           "content": json_content(ref("Health"), {"status": "healthy"})}},
 }
 
+SPEC_NAME_PARAM = {"name": "name", "in": "path", "required": True, "description": "The spec.",
+                   "schema": {"type": "string"}, "example": "reverse"}
+SPEC_EXAMPLE = {"name": "reverse", "description": "Reverse sequences", "timeout": 600.0,
+                "priority": 0, "executor": "local", "parameters": {
+                    "type": "object", "additionalProperties": False, "required": ["input"],
+                    "properties": {"input": {"type": "string", "x-jobd-type": "file"}}}}
+NO_SPEC = error("No spec with this name.", 404, "spec not found")
+ARTIFACTS = {
+    "tags": ["files"], "operationId": "listArtifacts", "summary": "A job's artifacts",
+    "description": "Files under the job's `artifacts/` directory (`JOBD_ARTIFACTS_DIR`), with "
+                   "MIME type, size and SHA-256; download each through `/files/{path}`.",
+    "parameters": [job_id_param()],
+    "responses": {
+        "200": {"description": "The artifacts.", "content": json_content(
+            {"type": "object", "required": ["artifacts"], "additionalProperties": False,
+             "properties": {"artifacts": {"type": "array", "items": ref("Artifact")}}},
+            {"artifacts": [{"name": "model.pdb", "path": "artifacts/model.pdb", "size": 81,
+                            "mime": "text/plain", "sha256": "0" * 64}]})},
+        "404": error("Unknown id.", 404, "job not found"),
+    },
+}
+SPECS = {
+    "tags": ["specs"], "operationId": "listSpecs", "summary": "The job specs of this daemon",
+    "responses": {"200": {"description": "Every spec with a JSON Schema of its parameters.",
+                          "content": json_content(
+                              {"type": "object", "required": ["specs"],
+                               "properties": {"specs": {"type": "array",
+                                                        "items": ref("Spec")}}},
+                              {"specs": [SPEC_EXAMPLE]})}},
+}
+SPEC = {
+    "tags": ["specs"], "operationId": "getSpec", "summary": "One job spec",
+    "parameters": [SPEC_NAME_PARAM],
+    "responses": {"200": {"description": "The spec.",
+                          "content": json_content(ref("Spec"), SPEC_EXAMPLE)},
+                  "404": NO_SPEC},
+}
+SPEC_CREATE = {
+    "tags": ["specs"], "operationId": "createFromSpec", "summary": "Start a job from a spec",
+    "description": "JSON `{id?, params?, input?, labels?, priority?, timeout?}` (`input`: "
+                   "base64 of a zip of files for the job), or multipart/form-data: file parts, "
+                   "`id`, `labels` (JSON), `priority`, `timeout`, `params` (JSON) and any "
+                   "other text field as the value of the parameter of that name.",
+    "parameters": [SPEC_NAME_PARAM],
+    "requestBody": {"required": True, "content": {
+        **json_content({"type": "object"}, {"params": {"input": "in.fasta", "min_length": 3},
+                                            "input": "UEsDBBQAAAAIAA..."}),
+        "multipart/form-data": {"schema": {"type": "object"}}}},
+    "responses": {
+        "201": {"description": "Stored, status QUEUED.",
+                "content": json_content(ref("Job"), {**QUEUED_EXAMPLE, "spec": "reverse"})},
+        "400": error("A parameter is unknown, missing or invalid (named in the message).", 400,
+                     "parameter 'min_length': must be at least 0"),
+        "404": NO_SPEC,
+        "409": error("A job with this id exists.", 409, "job fold-42 already exists"),
+        "413": error("The body is larger than JOBD_MAX_BODY.", 413,
+                     "request body is larger than 8589934592 bytes"),
+    },
+}
+
 PAYLOAD = {
     "type": "object", "required": ["id", "status", "loc", "pid", "killed"],
     "additionalProperties": False,
@@ -713,6 +797,10 @@ CLASSIC_UPLOAD = {
         "413": error("The body is larger than JOBD_MAX_BODY.", 413,
                      "request body is larger than 8589934592 bytes", schema="ClassicError",
                      code="request_entity_too_large"),
+        "403": error("Locked-down mode: only job specs run.", 403,
+                     "this daemon is locked down: it runs only job specs "
+                     "(POST /api/v1/specs/{name}/jobs), not uploaded scripts",
+                     schema="ClassicError"),
     },
 }
 
@@ -761,6 +849,7 @@ def document() -> dict[str, Any]:
             {"name": "jobs", "description": "Create, list, inspect, cancel, restart, delete."},
             {"name": "logs", "description": "Output, whole or live."},
             {"name": "files", "description": "The working directory: live while it runs."},
+            {"name": "specs", "description": "Named job templates baked into the image."},
             {"name": "daemon", "description": "Health, overview, this document."},
             {"name": "classic", "description": "The Go jobd's protocol, unchanged."},
             {"name": "orchestrator", "description": "job-orchestrator's client protocol."},
@@ -775,6 +864,10 @@ def document() -> dict[str, Any]:
             "/api/v1/jobs/{id}/files/{path}": {"get": FILE},
             "/api/v1/jobs/{id}/archive": {"get": ARCHIVE},
             "/api/v1/overview": {"get": OVERVIEW},
+            "/api/v1/jobs/{id}/artifacts": {"get": ARTIFACTS},
+            "/api/v1/specs": {"get": SPECS},
+            "/api/v1/specs/{name}": {"get": SPEC},
+            "/api/v1/specs/{name}/jobs": {"post": SPEC_CREATE},
             "/health": {"get": HEALTH},
             "/api/upload": {"post": CLASSIC_UPLOAD},
             "/api/get/{id}": {"get": CLASSIC_GET},

@@ -11,8 +11,9 @@ from types import FrameType
 import uvicorn
 
 from jobd import __version__
-from jobd.app import create_app
+from jobd.app import create_app, load_configured_specs
 from jobd.config import Config
+from jobd.spec import SpecError
 from jobd.store import JobStore, StoreError
 
 log = logging.getLogger("jobd")
@@ -74,7 +75,15 @@ def serve(config: Config) -> int:
     except StoreError as exc:
         log.error("%s", exc)
         return 2
-    app = create_app(config, store=store, adopt_orphans=True)
+    try:
+        specs = load_configured_specs(config)
+    except SpecError as exc:
+        log.error("%s", exc)
+        store.close()
+        return 2
+    if config.locked and not specs:
+        log.warning("locked-down mode with no job specs: this daemon can run nothing")
+    app = create_app(config, store=store, specs=specs, adopt_orphans=True)
     server = DaemonServer(uvicorn.Config(
         app, host=config.host, port=config.port, loop="asyncio", http="h11", ws="none",
         lifespan="on", log_config=None, access_log=False, server_header=False,

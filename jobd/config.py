@@ -180,16 +180,16 @@ class Config:
                           "sbatch, squeue and scancel on PATH.", parse_bool)
     slurm_partition: str = setting("", "JOBD_SLURM_PARTITION", "Partition of every Slurm job "
                                    "(sbatch --partition); empty: the cluster's default.",
-                                   parse_slurm_names, shown="")
+                                   parse_slurm_names, shown="(none)")
     slurm_account: str = setting("", "JOBD_SLURM_ACCOUNT", "Account charged for Slurm jobs "
                                  "(sbatch --account); empty: the user's default.",
-                                 parse_slurm_names, shown="")
+                                 parse_slurm_names, shown="(none)")
     slurm_qos: str = setting("", "JOBD_SLURM_QOS", "Quality of service of Slurm jobs (sbatch "
-                             "--qos); empty: the default.", parse_slurm_names, shown="")
+                             "--qos); empty: the default.", parse_slurm_names, shown="(none)")
     slurm_extra: tuple = setting((), "JOBD_SLURM_EXTRA", "More sbatch options for every Slurm "
                                  "job, split like a shell (`--constraint=avx2 --exclusive`); the "
                                  "options jobd sets itself are refused.", parse_options,
-                                 shown="")
+                                 shown="(none)")
     slurm_poll_interval: float = setting(2.0, "JOBD_SLURM_POLL_INTERVAL", "Seconds between "
                                          "status polls of the active Slurm jobs (one squeue "
                                          "for all of them).", parse_duration, shown="2s")

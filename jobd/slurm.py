@@ -97,7 +97,7 @@ OWNED_OPTIONS = frozenset({"--output", "-o", "--error", "-e", "--input", "-i", "
                            "--wrap", "--array", "-a", "--open-mode", "--comment", "--wait",
                            "-W", "--test-only", "--uid", "--gid", "--get-user-env"})
 
-_SQUEUE_FIELDS = "JobID:|,State:|,exit_code:|,NodeList:|,Reason:|"
+_SQUEUE_FIELDS = "JobID:|,State:|,exit_code:|,StartTime:|,NodeList:|,Reason:|"
 _SQUEUE_CHUNK = 1000  # job ids per squeue call (keeps one argument far below the kernel's limit)
 _MAX_BACKOFF = 60.0
 _SUBMIT_CONCURRENCY = 4
@@ -180,6 +180,7 @@ class QueueRow:
     exit_code: int | None
     signal: int | None
     exit_known: bool
+    start: float | None  # epoch seconds; only meaningful once the job has started
     nodes: str
     reason: str
 
@@ -188,20 +189,28 @@ def parse_squeue(text: str) -> dict[int, QueueRow]:
     """Rows of `squeue --noheader --Format=<_SQUEUE_FIELDS>`; other lines are skipped."""
     rows: dict[int, QueueRow] = {}
     for line in text.splitlines():
-        parts = line.rstrip().rstrip("|").split("|", 4)
-        if len(parts) != 5 or not parts[0].strip().isdigit():
+        parts = line.rstrip().rstrip("|").split("|", 5)
+        if len(parts) != 6 or not parts[0].strip().isdigit():
             if line.strip():
                 log.debug("squeue: skipping %r", line)
             continue
-        job_text, state, raw, nodes, reason = (p.strip() for p in parts)
+        job_text, state, raw, start, nodes, reason = (p.strip() for p in parts)
         code: int | None = None
         signum: int | None = None
         known = raw.isdigit()
         if known:
             code, signum = decode_status(int(raw))
         rows[int(job_text)] = QueueRow(int(job_text), base_state(state), code, signum, known,
-                                       nodes, reason)
+                                       parse_time(start), nodes, reason)
     return rows
+
+
+def parse_time(text: str) -> float | None:
+    """Epoch seconds from Slurm's default time format (local time), or None (`N/A`, `Unknown`)."""
+    try:
+        return time.mktime(time.strptime(text.strip(), "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None
 
 
 def parse_sacct(text: str) -> dict[int, tuple[str, int | None, int | None]]:
@@ -815,15 +824,21 @@ class SlurmExecutor:
                 if row.state not in TERMINAL_STATES:
                     log.warning("Slurm job %d: unknown state %s, taken as ended", slurm_id,
                                 row.state)
+                if handle.started is None and row.start is not None:
+                    # It ran and ended between two polls: record when it started all the same.
+                    handle.started = min(row.start, now)
+                    self._say(handle, {"status": "RUNNING", "started": handle.started,
+                                       "message": f"job ran on Slurm as job {slurm_id}"})
                 if row.exit_known:
                     handle.finish(row.state, row.exit_code, row.signal)
                 else:
                     unknown_exit.append(handle)
             elif row.state in PENDING_STATES:
                 what = "requeued by Slurm, pending" if handle.started else "pending in Slurm"
-                self._say(handle, {"message": f"{what} as job {slurm_id} ({row.reason})"})
+                why = f" ({row.reason})" if row.reason not in ("", "None") else ""
+                self._say(handle, {"message": f"{what} as job {slurm_id}{why}"})
             else:
-                handle.mark_started(now)
+                handle.mark_started(min(row.start or now, now))
                 where = f" on {row.nodes}" if row.nodes else ""
                 state = "running" if row.state == "RUNNING" else row.state.lower()
                 self._say(handle, {"status": "RUNNING", "started": handle.started,

@@ -25,13 +25,19 @@ import time
 from pathlib import Path
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scancel", "scontrol")
+SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/bin"])
+
+
+def find(name: str) -> str | None:
+    """A Slurm or munge program, also in sbin (not always on a CI runner's PATH)."""
+    return shutil.which(name, path=SEARCH_PATH)
 
 
 def missing_reason() -> str | None:
     """Why a real Slurm cannot be started here, or None."""
     if os.geteuid() != 0:
         return "a real Slurm needs root (slurmd runs jobs as their user; munged owns its key)"
-    missing = [name for name in DAEMONS if shutil.which(name) is None]
+    missing = [name for name in DAEMONS if find(name) is None]
     if missing:
         return (f"Slurm is not installed ({', '.join(missing)} missing): "
                 "apt-get install slurm-wlm munge, or run ./test.sh as root")
@@ -64,7 +70,7 @@ class SlurmCluster:
         self.ctld_port = _free_port()
         self.slurmd_port = _free_port()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf), "PATH": SEARCH_PATH}
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -125,13 +131,14 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
         self.munge_socket.parent.mkdir(mode=0o755, exist_ok=True)
         self.conf.write_text(self.config_text())
         try:
-            self._spawn("munged", ["munged", "--foreground", f"--socket={self.munge_socket}",
-                                   f"--key-file={key}", f"--pid-file={key_dir / 'munged.pid'}",
-                                   f"--log-file={self.logs / 'munged.log'}",
-                                   f"--seed-file={key_dir / 'munged.seed'}"])
+            self._spawn("munged", [
+                self._path("munged"), "--foreground", f"--socket={self.munge_socket}",
+                f"--key-file={key}", f"--pid-file={key_dir / 'munged.pid'}",
+                f"--log-file={self.logs / 'munged.log'}", f"--seed-file={key_dir / 'munged.seed'}"])
             self._wait(lambda: self.munge_socket.exists(), timeout, "munged's socket")
             self.start_controller(timeout)
-            self._spawn("slurmd", ["slurmd", "-D", "-N", "localhost", "-f", str(self.conf)])
+            self._spawn("slurmd", [self._path("slurmd"), "-D", "-N", "localhost",
+                                   "-f", str(self.conf)])
             self._wait(self._node_idle, timeout, "the node to be idle in sinfo")
         except BaseException:
             self.stop()
@@ -139,7 +146,7 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
         return self
 
     def start_controller(self, timeout: float = 60.0) -> None:
-        self._spawn("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)])
+        self._spawn("slurmctld", [self._path("slurmctld"), "-D", "-f", str(self.conf)])
         self._wait(self._controller_answers, timeout, "slurmctld to answer")
 
     def stop_controller(self) -> None:
@@ -184,6 +191,13 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
     def log(self, name: str) -> str:
         path = self.logs / f"{name}.log"
         return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    @staticmethod
+    def _path(name: str) -> str:
+        found = find(name)
+        if found is None:
+            raise RuntimeError(f"{name} is not installed")
+        return found
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         out = open(self.logs / f"{name}.out", "ab")  # noqa: SIM115 - the daemon's stdout

@@ -343,6 +343,8 @@ class JobManager:
                                 "message": "the slurm executor is not configured on this jobd "
                                            "(JOBD_SLURM)"}, durable=True)
             return
+        # A restarted job's old token must not lead recovery back to its previous Slurm job.
+        _remove(self.files(record["id"]).root / TOKEN)
         self._move(record, {"status": job.PREPARED, "started": None, "slurm_id": None,
                             "attempt": int(record.get("attempt") or 0) + 1,
                             "message": "preparing the job for Slurm"}, durable=True)
@@ -442,7 +444,8 @@ class JobManager:
                 tried = True
                 return await slurm.submit(job_id, files, options, current, env)
 
-            slurm_id = await slurm.retrying(submit_once, say)
+            slurm_id = await slurm.retrying(submit_once, say,
+                                            stop=lambda: job_id in self._cancel_requested)
         except _CancelledBeforeSubmit:
             outcome = Outcome(None, None, "cancelled")
         except archive.ArchiveError as exc:

@@ -619,8 +619,12 @@ class SlurmExecutor:
                 and time.time() - self._unreachable_since >= deadline)
 
     async def retrying(self, operation: Callable[[], Awaitable[T]],
-                       on_wait: Callable[[str], None]) -> T:
-        """`operation` until the controller answers; SlurmGaveUp after the deadline."""
+                       on_wait: Callable[[str], None],
+                       stop: Callable[[], bool] | None = None) -> T:
+        """`operation` until the controller answers; SlurmGaveUp after the deadline.
+
+        `stop` cuts a backoff short (a cancel): the operation runs again at once and decides.
+        """
         failures = 0
         while True:
             try:
@@ -631,7 +635,10 @@ class SlurmExecutor:
                     raise SlurmGaveUp(self._gave_up_message()) from None
                 failures += 1
                 on_wait(self.unreachable_message())
-                await asyncio.sleep(self.backoff(failures))
+                loop = asyncio.get_running_loop()
+                until = loop.time() + self.backoff(failures)
+                while loop.time() < until and not (stop is not None and stop()):
+                    await asyncio.sleep(min(0.25, until - loop.time()))
                 continue
             self._note_reachable()
             return result

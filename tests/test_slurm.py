@@ -368,6 +368,12 @@ def test_controller_outage_keeps_jobs_then_completes(cluster: SlurmCluster, gate
                                          "the new job to wait for the controller", 60)
                 assert record["status"] == job.PREPARED and record["slurm_id"] is None
                 assert jobd.manager.get("through")["status"] == job.RUNNING
+                # A job waiting for the controller can still be cancelled, at once.
+                await jobd.create("dropped", "#!/bin/sh\necho must not run\n")
+                await jobd.wait("dropped", lambda r: "unreachable" in r["message"],
+                                "dropped to wait for the controller", 60)
+                record, changed = await asyncio.wait_for(jobd.manager.cancel("dropped"), 30)
+                assert changed and record["status"] == job.CANCELLED
             finally:
                 await _in_thread(cluster.start_controller)
             (gates / "through").touch()
@@ -377,6 +383,7 @@ def test_controller_outage_keeps_jobs_then_completes(cluster: SlurmCluster, gate
             assert through["slurm_id"] == before["slurm_id"]
             assert during["status"] == job.SUCCESS, during
             assert len(await _in_thread(slurm_jobs, cluster, "during")) == 1
+            assert await _in_thread(slurm_jobs, cluster, "dropped") == {}
 
     asyncio.run(scenario())
 

@@ -9,7 +9,6 @@ so a slow `squeue` never blocks HTTP requests.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -62,17 +61,17 @@ async def run_command(reaper: Reaper, argv: Sequence[str], timeout: float, *,
     )
     exited = reaper.watch(popen.pid)
     assert popen.stdout is not None and popen.stderr is not None
-    reads = asyncio.gather(_read_all(loop, popen.stdout), _read_all(loop, popen.stderr))
+    stdout, stderr = popen.stdout, popen.stderr
+
+    async def collect() -> tuple[bytes, bytes, int]:
+        out, err = await asyncio.gather(_read_all(loop, stdout), _read_all(loop, stderr))
+        return out, err, await asyncio.shield(exited)
+
     try:
-        (out, err), status = await asyncio.wait_for(
-            asyncio.gather(reads, asyncio.shield(exited)), timeout)
+        out, err, status = await asyncio.wait_for(collect(), timeout)
     except asyncio.TimeoutError:
         _kill(popen.pid)
-        status = await exited
-        reads.cancel()
-        with contextlib.suppress(asyncio.CancelledError):  # the cancel we just asked for
-            await reads
-        _settle(popen, status)
+        _settle(popen, await exited)
         raise CommandTimeout(f"{Path(argv[0]).name} did not answer within {timeout:g}s") \
             from None
     except asyncio.CancelledError:

@@ -59,7 +59,10 @@ def _memory_mb() -> int:
 
 
 class SlurmCluster:
-    """munged + slurmctld + slurmd with a generated slurm.conf under `root`."""
+    """munged + slurmctld + slurmd with a generated slurm.conf under `root`.
+
+    Every directory above `root` must be searchable by all (munged checks its socket's path).
+    """
 
     def __init__(self, root: Path, *, cpus: int = 256) -> None:
         self.root = root

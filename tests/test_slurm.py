@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import shutil
 import signal
@@ -26,7 +27,7 @@ from jobd.manager import JobManager
 from jobd.reaper import Reaper
 from jobd.slurm import OptionError
 from jobd.store import JobStore
-from tests.conftest import Daemon, make_zip, result_files, wait_until
+from tests.conftest import Daemon, make_zip, python39, result_files, wait_until
 from tests.slurm_cluster import SlurmCluster, missing_reason
 
 pytestmark = pytest.mark.system
@@ -76,8 +77,8 @@ def slurm_env(cluster: SlurmCluster, **env: str) -> dict[str, str]:
 @pytest.fixture
 def slurm_daemon(daemon_factory: Callable[..., Daemon],
                  cluster: SlurmCluster) -> Callable[..., Daemon]:
-    def start(workdir: Path | None = None, **env: str) -> Daemon:
-        return daemon_factory(workdir=workdir, **slurm_env(cluster, **env))
+    def start(workdir: Path | None = None, interpreter: str | None = None, **env: str) -> Daemon:
+        return daemon_factory(interpreter, workdir=workdir, **slurm_env(cluster, **env))
     return start
 
 
@@ -128,7 +129,8 @@ def test_success_result_and_environment(slurm_daemon: Callable[..., Daemon],
 
 
 def test_failures_keep_exit_code_and_signal(slurm_daemon: Callable[..., Daemon]) -> None:
-    daemon = slurm_daemon()
+    """Also proves the Slurm executor on CPython 3.9, when the machine has it."""
+    daemon = slurm_daemon(interpreter=python39())
     assert daemon.upload("exit3", {"run.sh": "echo failing\nexit 3\n"}, slurml=True) \
         .status_code == 201
     assert daemon.upload("killed", {"run.sh": "kill -9 $$\n"}, slurml=True).status_code == 201
@@ -142,9 +144,10 @@ def test_failures_keep_exit_code_and_signal(slurm_daemon: Callable[..., Daemon])
 
 def test_timeout_cancels_the_slurm_job(slurm_daemon: Callable[..., Daemon],
                                        cluster: SlurmCluster) -> None:
-    daemon = slurm_daemon(JOBD_TIMEOUT="2s")
-    assert daemon.upload("slow", {"run.sh": "echo started\nsleep 120\n"}, slurml=True) \
-        .status_code == 201
+    """Also: JOBD_EXECUTOR=slurm sends jobs that do not ask (slurml false) to Slurm."""
+    daemon = slurm_daemon(JOBD_TIMEOUT="2s", JOBD_EXECUTOR="slurm", JOBD_SLURM="false")
+    upload = daemon.upload("slow", {"run.sh": "echo started\nsleep 120\n"})
+    assert upload.status_code == 201 and upload.json()["Slurml"] is True
     record = daemon.wait_done("slow", 90).json()
     assert record["Status"] == "FAILED"
     assert "timed out after 2s" in record["Message"], record
@@ -447,3 +450,33 @@ def test_exit_status_fallbacks(cluster: SlurmCluster, tmp_path: Path) -> None:
             assert await slurm.scontrol_status(999_999) is None
 
     asyncio.run(scenario())
+
+
+def test_crash_between_sbatch_and_the_record_write(cluster: SlurmCluster, gates: Path,
+                                                   tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """The Slurm id never reached the record: the next start finds the submission by its
+    token instead of submitting again."""
+    async def scenario() -> None:
+        async with InProcess(tmp_path) as jobd:
+            await jobd.create("unsure", gated(gates, "unsure", after="echo once >> ../count"))
+            first = await jobd.wait("unsure", lambda r: r["status"] == job.RUNNING,
+                                    "unsure to run")
+        # What a crash right after sbatch leaves: PREPARED, no Slurm id, the token on disk.
+        with JobStore(tmp_path / "db", fsync=False) as store:
+            store.update("unsure", {"status": job.PREPARED, "slurm_id": None,
+                                    "message": "preparing the job for Slurm"})
+        async with InProcess(tmp_path) as jobd:
+            found = await jobd.wait("unsure", lambda r: r["slurm_id"] is not None,
+                                    "the submission to be found again")
+            assert found["slurm_id"] == first["slurm_id"]
+            (gates / "unsure").touch()
+            record = await jobd.finished("unsure")
+            assert record["status"] == job.SUCCESS, record
+        assert list(await _in_thread(slurm_jobs, cluster, "unsure")) == [
+            str(first["slurm_id"])]
+        assert (tmp_path / "data" / "unsure" / "count").read_text() == "once\n"
+
+    with caplog.at_level(logging.INFO, logger="jobd.jobs"):
+        asyncio.run(scenario())
+    assert "found again after a restart" in caplog.text

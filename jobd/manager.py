@@ -212,7 +212,25 @@ class JobManager:
                                                    or self._remote.get(job_id))
         if process is not None:
             await process.terminate("cancelled", self.config.kill_grace)
+        if record.get("executor") == "slurm":
+            return await self._cancel_remote(job_id)
         await self.wait_finished(job_id)
+        return self.get(job_id), True
+
+    async def _cancel_remote(self, job_id: str) -> tuple[dict[str, Any], bool]:
+        """Wait for Slurm to confirm, but not forever: an unreachable controller may take
+        hours to hear the scancel, which stays owed and is retried until it gets through."""
+        assert self.slurm is not None
+        bound = (self.config.kill_grace + 2 * self.config.slurm_poll_interval
+                 + self.config.slurm_command_timeout)
+        try:
+            await asyncio.wait_for(self.wait_finished(job_id), bound)
+        except asyncio.TimeoutError:
+            record = self.get(job_id)
+            if not job.is_terminal(record["status"]):
+                self._move(record, {"message": (
+                    f"cancel requested: waiting for Slurm to end job "
+                    f"{record.get('slurm_id') or '(being submitted)'}")}, durable=True)
         return self.get(job_id), True
 
     async def restart(self, job_id: str) -> dict[str, Any]:

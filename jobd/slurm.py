@@ -603,6 +603,8 @@ class SlurmExecutor:
             self._unreachable_since = None
             for handle in self._jobs.values():
                 handle.message = None  # the next poll rewrites every message
+            if self._wake is not None:
+                self._wake.set()  # the poll may be deep in its backoff: poll now
 
     def unreachable_message(self) -> str:
         assert self._unreachable_since is not None
@@ -771,13 +773,14 @@ class SlurmExecutor:
     async def _poll_forever(self) -> None:
         assert self._wake is not None
         failures = 0
-        delay = self.config.slurm_poll_interval
+        interval = max(self.config.slurm_poll_interval, 0.1)
+        delay = interval
         while True:
             with contextlib.suppress(asyncio.TimeoutError):  # no wake-up: time for the poll
                 await asyncio.wait_for(self._wake.wait(), delay)
             self._wake.clear()
             if not self._jobs:
-                delay = self.config.slurm_poll_interval
+                delay = interval
                 continue
             try:
                 await self.poll()
@@ -789,7 +792,7 @@ class SlurmExecutor:
             except Exception:
                 log.exception("Slurm poll failed; retrying next interval")
             failures = 0
-            delay = self.config.slurm_poll_interval
+            delay = interval
 
     def _unreachable(self, error: str) -> None:
         """Tell every active job why nothing moves; after the deadline, fail them."""

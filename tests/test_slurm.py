@@ -356,10 +356,12 @@ def test_cancel_running_and_pending(cluster: SlurmCluster, gates: Path, tmp_path
 def test_controller_outage_keeps_jobs_then_completes(cluster: SlurmCluster, gates: Path,
                                                      tmp_path: Path) -> None:
     async def scenario() -> None:
-        async with InProcess(tmp_path, slurm_command_timeout=3.0) as jobd:
+        async with InProcess(tmp_path, slurm_command_timeout=3.0, kill_grace=1.0) as jobd:
             await jobd.create("through", gated(gates, "through", after="echo ok > out.txt"))
+            await jobd.create("stopme", gated(gates, "never"))
             before = await jobd.wait("through", lambda r: r["status"] == job.RUNNING,
                                      "through to run")
+            await jobd.wait("stopme", lambda r: r["status"] == job.RUNNING, "stopme to run")
             await _in_thread(cluster.stop_controller)
             try:
                 record = await jobd.wait("through", lambda r: "unreachable" in r["message"],
@@ -377,6 +379,11 @@ def test_controller_outage_keeps_jobs_then_completes(cluster: SlurmCluster, gate
                                 "dropped to wait for the controller", 60)
                 record, changed = await asyncio.wait_for(jobd.manager.cancel("dropped"), 30)
                 assert changed and record["status"] == job.CANCELLED
+                # A running job's scancel cannot get through: cancel answers, the job keeps
+                # its status, and the scancel stays owed until the controller is back.
+                record, changed = await asyncio.wait_for(jobd.manager.cancel("stopme"), 60)
+                assert changed and record["status"] == job.RUNNING
+                assert record["message"].startswith("cancel requested: waiting for Slurm")
             finally:
                 await _in_thread(cluster.start_controller)
             (gates / "through").touch()
@@ -387,6 +394,8 @@ def test_controller_outage_keeps_jobs_then_completes(cluster: SlurmCluster, gate
             assert during["status"] == job.SUCCESS, during
             assert len(await _in_thread(slurm_jobs, cluster, "during")) == 1
             assert await _in_thread(slurm_jobs, cluster, "dropped") == {}
+            stopped = await jobd.finished("stopme", 90)
+            assert stopped["status"] == job.CANCELLED, stopped
 
     asyncio.run(scenario())
 

@@ -14,6 +14,11 @@ need=()
 for tool in jq curl zip unzip debootstrap; do
     command -v "$tool" >/dev/null || need+=("$tool")
 done
+# A real single-node Slurm for tests/test_slurm.py (started by the tests themselves, as root).
+if ! PATH="$PATH:/usr/sbin:/sbin" command -v slurmctld >/dev/null ||
+   ! PATH="$PATH:/usr/sbin:/sbin" command -v munged >/dev/null; then
+    need+=(slurm-wlm munge)
+fi
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null

@@ -186,7 +186,7 @@ async def create_multipart(request: Request) -> Response:
         except multipart.MultipartError as exc:
             return problem(400, f"malformed multipart body: {exc}")
         try:
-            asked = parse_request(from_form(form.fields))
+            asked = parse_request(from_form(form.fields), executors=manager.executors())
         except OptionError as exc:
             return problem(400, str(exc))
         try:
@@ -224,7 +224,7 @@ async def create_json(request: Request) -> Response:
         except BodyTooLarge:
             return problem(413, f"request body is larger than {config.max_body} bytes")
         try:
-            asked = parse_request(fields)
+            asked = parse_request(fields, executors=manager.executors())
         except OptionError as exc:
             return problem(400, str(exc))
         if not scanner.found_input or scanner.input_size == 0:

@@ -64,7 +64,7 @@ def record_tail(record: dict[str, Any]) -> dict[str, Any]:
     """The fields after `Output`."""
     options = record.get("options") or {}
     return {"Message": record.get("message", ""), "SlurmID": record.get("slurm_id") or 0,
-            "Slurml": bool(options.get("slurml", False))}
+            "Slurml": bool(options.get("slurml", False)) or record.get("executor") == "slurm"}
 
 
 def classic_record(record: dict[str, Any], output: str = "") -> dict[str, Any]:
@@ -147,11 +147,14 @@ async def upload(request: Request) -> Response:
             await asyncio.to_thread(archive.check_zip, incoming, manager.limits)
         except archive.ArchiveError as exc:
             return bad_request(f"error validating job {exc}")
+        executor = "slurm" if slurml else config.executor
         try:
             record = await manager.create(job_id, incoming, protocol="classic",
-                                          options={"slurml": slurml})
+                                          options={"slurml": slurml}, executor=executor)
         except JobExists:
             return bad_request("job already exists")
+        except ValueError as exc:  # the executor is not available, or refuses the options
+            return bad_request(f"error validating job {exc}")
         return JSONResponse(classic_record(record), 201)
     finally:
         if incoming.exists():

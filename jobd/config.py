@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shlex
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,44 @@ def parse_size(text: str) -> int:
 
 def parse_list(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def parse_executor(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("local", "slurm"):
+        raise ValueError(f"expected local or slurm, got {text!r}")
+    return value
+
+
+def parse_shared_check(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("fail", "warn", "off"):
+        raise ValueError(f"expected fail, warn or off, got {text!r}")
+    return value
+
+
+_SLURM_NAMES = re.compile(r"[A-Za-z0-9_.+-]{1,64}(,[A-Za-z0-9_.+-]{1,64}){0,31}")
+
+
+def parse_slurm_names(text: str) -> str:
+    """A Slurm partition, account or QoS name (or a comma list): nothing sbatch could misread."""
+    value = text.strip()
+    if value and not _SLURM_NAMES.fullmatch(value):
+        raise ValueError(f"expected names of letters, digits and . _ + - (comma separated), "
+                         f"got {text!r}")
+    return value
+
+
+def parse_options(text: str) -> tuple[str, ...]:
+    """Command-line options written as a shell would split them (`--a=1 --b "x y"`)."""
+    try:
+        words = tuple(shlex.split(text))
+    except ValueError as exc:
+        raise ValueError(f"cannot split {text!r}: {exc}") from exc
+    for word in words:
+        if not word.startswith("-") or "\n" in word or "\0" in word:
+            raise ValueError(f"expected options starting with '-', got {word!r}")
+    return words
 
 
 def setting(default: Any, env: str, help: str, parse: Callable[[str], Any] = str, *,
@@ -137,10 +176,48 @@ class Config:
     log_level: str = setting("info", "JOBD_LOG_LEVEL", "debug, info, warning or error.")
     access_log: bool = setting(True, "JOBD_ACCESS_LOG", "Log one line per HTTP request.",
                                parse_bool)
+    executor: str = setting("local", "JOBD_EXECUTOR", "Where jobs run unless they choose: "
+                            "`local` (this machine) or `slurm` (implies JOBD_SLURM).",
+                            parse_executor)
+    slurm: bool = setting(False, "JOBD_SLURM", "Enable the Slurm executor: jobs that ask for it "
+                          "(classic `slurml: true`) go to the cluster of `SLURM_CONF` through "
+                          "sbatch, squeue and scancel on PATH.", parse_bool)
+    slurm_partition: str = setting("", "JOBD_SLURM_PARTITION", "Partition of every Slurm job "
+                                   "(sbatch --partition); empty: the cluster's default.",
+                                   parse_slurm_names, shown="(none)")
+    slurm_account: str = setting("", "JOBD_SLURM_ACCOUNT", "Account charged for Slurm jobs "
+                                 "(sbatch --account); empty: the user's default.",
+                                 parse_slurm_names, shown="(none)")
+    slurm_qos: str = setting("", "JOBD_SLURM_QOS", "Quality of service of Slurm jobs (sbatch "
+                             "--qos); empty: the default.", parse_slurm_names, shown="(none)")
+    slurm_extra: tuple = setting((), "JOBD_SLURM_EXTRA", "More sbatch options for every Slurm "
+                                 "job, split like a shell (`--constraint=avx2 --exclusive`); the "
+                                 "options jobd sets itself are refused.", parse_options,
+                                 shown="(none)")
+    slurm_poll_interval: float = setting(2.0, "JOBD_SLURM_POLL_INTERVAL", "Seconds between "
+                                         "status polls of the active Slurm jobs (one squeue "
+                                         "for all of them).", parse_duration, shown="2s")
+    slurm_command_timeout: float = setting(60.0, "JOBD_SLURM_COMMAND_TIMEOUT", "Seconds a "
+                                           "Slurm command may take before the controller "
+                                           "counts as unreachable.", parse_duration,
+                                           shown="60s")
+    slurm_unreachable_deadline: float = setting(86400.0, "JOBD_SLURM_UNREACHABLE_DEADLINE",
+                                                "How long Slurm jobs keep their state while "
+                                                "slurmctld cannot be reached before they are "
+                                                "marked FAILED (0: never).", parse_duration,
+                                                shown="1d")
+    slurm_shared_check: str = setting("fail", "JOBD_SLURM_SHARED_CHECK", "At start, when "
+                                      "DATAPATH does not look shared with the compute nodes "
+                                      "(relative, under /tmp, on tmpfs or overlay): `fail`, "
+                                      "`warn` or `off`.", parse_shared_check)
 
     @property
     def effective_slots(self) -> int:
         return self.slots if self.slots > 0 else (os.cpu_count() or 1)
+
+    @property
+    def slurm_enabled(self) -> bool:
+        return self.slurm or self.executor == "slurm"
 
     @property
     def keeps_workdir(self) -> bool:

@@ -22,6 +22,7 @@ from jobd.options import param_environment
 from jobd.reaper import Reaper
 from jobd.run import LocalExecutor, LocalProcess, Outcome, StartError, command_for, job_environment
 from jobd.schedule import Scheduler
+from jobd.slurm import TOKEN, OptionError, SlurmError, SlurmExecutor, SlurmGaveUp, SlurmJob
 from jobd.spec import Spec
 from jobd.store import JobExists, JobStore
 
@@ -46,6 +47,14 @@ class Locked(PermissionError):
                          "(POST /api/v1/specs/{name}/jobs), not uploaded scripts")
 
 
+class ExecutorUnavailable(ValueError):
+    """The job asks for an executor this daemon does not offer (a client error)."""
+
+
+class _CancelledBeforeSubmit(Exception):
+    """A cancel arrived while the job waited to be submitted to Slurm."""
+
+
 class JobManager:
     """Owns the store, the scheduler and the running processes of one daemon."""
 
@@ -54,6 +63,12 @@ class JobManager:
         self.store = store
         self.data = DataDir(config.datapath)
         self.executor = LocalExecutor(reaper)
+        # Slurm jobs are followed by their own tasks, outside the scheduler's slots: a slot
+        # covers preparing the job; the cluster, not this machine, bounds how many run.
+        self.slurm = (SlurmExecutor(config, reaper, self._remote_update)
+                      if config.slurm_enabled else None)
+        self._remote: dict[str, SlurmJob] = {}
+        self._remote_tasks: dict[str, asyncio.Task[None]] = {}
         self.limits = archive.Limits(max_size=config.max_unpacked,
                                      max_entries=config.max_entries,
                                      max_ratio=config.max_ratio)
@@ -76,6 +91,8 @@ class JobManager:
 
     async def start(self) -> None:
         self.data.create()
+        if self.slurm is not None:
+            await self.slurm.start()
         await asyncio.to_thread(self._clean_disk)
         self.numeric_ids = NumericIds(self.config.db_path, self._all_ids(),
                                       fsync=self.config.fsync)
@@ -100,6 +117,13 @@ class JobManager:
         await self.scheduler.stop()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        # Slurm jobs keep running in Slurm: stop following them, re-attach at next start.
+        remote = list(self._remote_tasks.values())
+        for task in remote:
+            task.cancel()
+        await asyncio.gather(*remote, return_exceptions=True)
+        if self.slurm is not None:
+            await self.slurm.stop()
         grace = self.config.shutdown_grace
         if self._processes:
             log.info("stopping %d running job(s), %.1fs grace", len(self._processes), grace)
@@ -112,6 +136,9 @@ class JobManager:
             for job_id in self.store.ids_with_status(status):
                 record = self.store.get(job_id)
                 if record is None:
+                    continue
+                if record.get("executor") == "slurm":
+                    self._recover_remote(record)
                     continue
                 changes = job.requeue_fields(record, self.config.max_attempts,
                                              "the daemon restarted while it ran")
@@ -154,6 +181,7 @@ class JobManager:
             raise Locked()
         if self.exists(job_id):
             raise JobExists(job_id)
+        self.check_executor(executor, options or {})
         self._reserved.add(job_id)
         try:
             files = self.files(job_id)
@@ -168,6 +196,22 @@ class JobManager:
         log.info("job %s created (%s, %d bytes)", job_id, protocol, size)
         self.scheduler.submit(record)
         return record
+
+    def executors(self) -> tuple[str, ...]:
+        """The executors jobs may choose, the default first."""
+        offered = ("local", "slurm") if self.config.slurm_enabled else ("local",)
+        return (self.config.executor, *(e for e in offered if e != self.config.executor))
+
+    def check_executor(self, executor: str, options: dict[str, Any]) -> None:
+        """ExecutorUnavailable or OptionError (both ValueError: a 400) when the job cannot
+        run where it asks to."""
+        if executor == "slurm":
+            if self.slurm is None:
+                raise ExecutorUnavailable("the slurm executor is not configured on this jobd "
+                                          "(JOBD_SLURM)")
+            self.slurm.check_options(options)
+        elif executor != "local":
+            raise ExecutorUnavailable(f"unknown executor {executor!r}: local or slurm")
 
     def _place_input(self, upload: Path, files: JobFiles) -> None:
         if files.root.exists():
@@ -225,10 +269,29 @@ class JobManager:
                                          "finished": time.time()}, durable=True)
             return record, True
         self._cancel_requested.add(job_id)
-        process = self._processes.get(job_id)
+        process: LocalProcess | SlurmJob | None = (self._processes.get(job_id)
+                                                   or self._remote.get(job_id))
         if process is not None:
             await process.terminate("cancelled", self.config.kill_grace)
+        if record.get("executor") == "slurm":
+            return await self._cancel_remote(job_id)
         await self.wait_finished(job_id)
+        return self.get(job_id), True
+
+    async def _cancel_remote(self, job_id: str) -> tuple[dict[str, Any], bool]:
+        """Wait for Slurm to confirm, but not forever: an unreachable controller may take
+        hours to hear the scancel, which stays owed and is retried until it gets through."""
+        assert self.slurm is not None
+        bound = (self.config.kill_grace + 2 * self.config.slurm_poll_interval
+                 + self.config.slurm_command_timeout)
+        try:
+            await asyncio.wait_for(self.wait_finished(job_id), bound)
+        except asyncio.TimeoutError:
+            record = self.get(job_id)
+            if not job.is_terminal(record["status"]):
+                self._move(record, {"message": (
+                    f"cancel requested: waiting for Slurm to end job "
+                    f"{record.get('slurm_id') or '(being submitted)'}")}, durable=True)
         return self.get(job_id), True
 
     async def restart(self, job_id: str) -> dict[str, Any]:
@@ -309,6 +372,9 @@ class JobManager:
         record = self.store.get(job_id)
         if record is None:
             return
+        if record.get("executor") == "slurm":
+            self._hand_to_slurm(record)
+            return
         record = self._move(record, {"status": job.RUNNING, "started": time.time(),
                                      "attempt": int(record.get("attempt") or 0) + 1,
                                      "message": "job running"}, durable=False)
@@ -320,14 +386,7 @@ class JobManager:
                                     "attempt": record["attempt"] - 1,
                                     "message": f"job requeued: {SHUTDOWN}"}, durable=True)
                 return
-            changes = job.outcome_fields(outcome.exit_code, outcome.signal, reason=outcome.reason)
-            try:
-                size, found = await asyncio.to_thread(self._pack, files)
-                changes.update(output_size=size, artifacts=found)
-            except OSError as exc:
-                log.error("job %s: packing the result failed: %s", job_id, exc)
-                changes.update(status=job.FAILED, message=f"could not pack the result: {exc}")
-            self._move(record, changes, durable=True)
+            await self._record_outcome(record, files, outcome)
         except Exception as exc:
             log.exception("job %s: internal error", job_id)
             self._move(record, {"status": job.FAILED, "finished": time.time(),
@@ -347,24 +406,49 @@ class JobManager:
             except Exception:
                 log.exception("job %s: a job-end listener failed", job_id)
 
+    async def _record_outcome(self, record: dict[str, Any], files: JobFiles,
+                              outcome: Outcome) -> None:
+        """Pack the working directory and record how the job ended."""
+        changes = job.outcome_fields(outcome.exit_code, outcome.signal, reason=outcome.reason)
+        try:
+            size, found = await asyncio.to_thread(self._pack, files)
+            changes.update(output_size=size, artifacts=found)
+        except OSError as exc:
+            log.error("job %s: packing the result failed: %s", record["id"], exc)
+            changes.update(status=job.FAILED, message=f"could not pack the result: {exc}")
+        self._move(record, changes, durable=True)
+
+    def _environment(self, record: dict[str, Any], files: JobFiles) -> dict[str, str]:
+        """The job's clean environment (the same for every executor): the minimal set, the
+        allowed daemon variables (JOBD_PASS_ENV and a spec's own list), its parameters."""
+        options = record.get("options") or {}
+        passed = (*self.config.pass_env, *(options.get("pass_env") or ()))
+        return job_environment(os.environ, passed, {
+            **param_environment(options.get("params") or {}),
+            "JOBD_JOB_ID": record["id"], "JOBD_WORKDIR": str(files.work.resolve()),
+            "HOME": str(files.home.resolve()), "TMPDIR": str(files.tmp.resolve()),
+            "JOBD_ARTIFACTS_DIR": str((files.work / artifacts.DIRECTORY).resolve()),
+        })
+
+    @staticmethod
+    def _command(record: dict[str, Any], files: JobFiles, env: dict[str, str]) -> list[str]:
+        """A spec's command, or the uploaded entry point run the way its kind needs."""
+        options = record.get("options") or {}
+        if options.get("command"):
+            return list(options["command"])
+        return command_for(files.work, options.get("entry") or "run.sh",
+                           options.get("args") or (), function=options.get("function"),
+                           path=env.get("PATH"))
+
     async def _run(self, record: dict[str, Any], files: JobFiles) -> Outcome:
         job_id = record["id"]
         options = record.get("options") or {}
-        entry = options.get("entry", "run.sh")
         try:
             await asyncio.to_thread(self._prepare, files)
             if job_id in self._cancel_requested:
                 return Outcome(None, None, "cancelled")
-            passed = (*self.config.pass_env, *(options.get("pass_env") or ()))
-            env = job_environment(os.environ, passed, {
-                **param_environment(options.get("params") or {}),
-                "JOBD_JOB_ID": job_id, "JOBD_WORKDIR": str(files.work.resolve()),
-                "HOME": str(files.home.resolve()), "TMPDIR": str(files.tmp.resolve()),
-                "JOBD_ARTIFACTS_DIR": str((files.work / artifacts.DIRECTORY).resolve()),
-            })
-            argv = list(options.get("command") or ()) or command_for(
-                files.work, entry, options.get("args") or (),
-                function=options.get("function"), path=env.get("PATH"))
+            env = self._environment(record, files)
+            argv = self._command(record, files, env)
             process = self.executor.start(argv, cwd=files.work, log_path=files.log, env=env)
         except archive.ArchiveError as exc:
             return Outcome(None, None, f"could not unpack the input: {exc}")
@@ -384,6 +468,150 @@ class JobManager:
             if timer is not None:
                 timer.cancel()
             self._processes.pop(job_id, None)
+
+    # -- a Slurm job's run --------------------------------------------------------------------
+
+    def _hand_to_slurm(self, record: dict[str, Any]) -> None:
+        """PREPARED now; a task of its own prepares, submits and follows the job."""
+        if self.slurm is None:
+            self._move(record, {"status": job.FAILED, "finished": time.time(),
+                                "message": "the slurm executor is not configured on this jobd "
+                                           "(JOBD_SLURM)"}, durable=True)
+            return
+        # A restarted job's old token must not lead recovery back to its previous Slurm job.
+        _remove(self.files(record["id"]).root / TOKEN)
+        self._move(record, {"status": job.PREPARED, "started": None, "slurm_id": None,
+                            "attempt": int(record.get("attempt") or 0) + 1,
+                            "message": "preparing the job for Slurm"}, durable=True)
+        self._spawn_remote(record["id"], recovering=False)
+
+    def _recover_remote(self, record: dict[str, Any]) -> None:
+        """A Slurm job active when the daemon stopped: follow it again, never submit it twice."""
+        if self.slurm is None:
+            self._move(record, {"status": job.FAILED, "finished": time.time(), "message": (
+                f"jobd restarted without the slurm executor (JOBD_SLURM): Slurm job "
+                f"{record.get('slurm_id') or '(not submitted)'} was not followed, its outcome "
+                "is unknown")}, durable=True)
+            return
+        log.info("job %s: following Slurm job %s again", record["id"],
+                 record.get("slurm_id") or "(submission unconfirmed)")
+        self._spawn_remote(record["id"], recovering=True)
+
+    def _spawn_remote(self, job_id: str, *, recovering: bool) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._follow_remote(job_id, recovering), name=f"slurm job {job_id}")
+        self._remote_tasks[job_id] = task
+        task.add_done_callback(lambda _: self._remote_tasks.pop(job_id, None))
+
+    async def _follow_remote(self, job_id: str, recovering: bool) -> None:
+        """Submit (or find again), wait for Slurm to report the end, pack, record."""
+        record = self.store.get(job_id)
+        if record is None:
+            return
+        files = self.files(job_id)
+        try:
+            found = await self._remote_handle(record, files, recovering)
+            if isinstance(found, Outcome):
+                outcome = found
+            else:
+                self._remote[job_id] = found
+                if job_id in self._cancel_requested:
+                    await found.terminate("cancelled", self.config.kill_grace)
+                outcome = await found.wait()
+            record = self.store.get(job_id) or record
+            await self._record_outcome(record, files, outcome)
+        except Exception as exc:
+            log.exception("job %s: internal error", job_id)
+            record = self.store.get(job_id) or record
+            self._move(record, {"status": job.FAILED, "finished": time.time(),
+                                "message": f"internal error: {exc}"}, durable=True)
+        finally:
+            self._remote.pop(job_id, None)
+            self._cancel_requested.discard(job_id)
+            event = self._finished.pop(job_id, None)
+            if event is not None:
+                event.set()
+
+    async def _remote_handle(self, record: dict[str, Any], files: JobFiles,
+                             recovering: bool) -> SlurmJob | Outcome:
+        """The handle of the job's Slurm job, or the Outcome when it never got that far."""
+        assert self.slurm is not None
+        slurm = self.slurm
+        job_id = record["id"]
+        options = record.get("options") or {}
+        timeout = float(options.get("timeout") or self.config.timeout)
+
+        def say(message: str) -> None:
+            self._remote_update(job_id, {"message": message})
+
+        if record.get("slurm_id"):
+            started = record.get("started") if record["status"] == job.RUNNING else None
+            return slurm.attach(job_id, int(record["slurm_id"]), timeout=timeout,
+                                started=started)
+        token: str | None = None
+        try:
+            if recovering:
+                token = await asyncio.to_thread(slurm.read_token, files)
+                if token is not None:
+                    known = token
+                    slurm_id = await slurm.retrying(lambda: slurm.find(job_id, known), say)
+                    if slurm_id is not None:
+                        self._move(record, {"slurm_id": slurm_id, "message": (
+                            f"submitted to Slurm as job {slurm_id} (found again after a "
+                            "restart)")}, durable=True)
+                        return slurm.attach(job_id, slurm_id, timeout=timeout, started=None)
+            await asyncio.to_thread(self._prepare, files)
+            env = self._environment(record, files)
+            argv = self._command(record, files, env)
+            token = await asyncio.to_thread(slurm.write_submission, job_id, files, argv)
+            current = token
+            tried = False
+
+            async def submit_once() -> int:
+                nonlocal tried
+                if job_id in self._cancel_requested:
+                    raise _CancelledBeforeSubmit()
+                if tried:  # an sbatch that did not answer may still have got through
+                    again = await slurm.find(job_id, current)
+                    if again is not None:
+                        return again
+                tried = True
+                return await slurm.submit(job_id, files, options, current, env)
+
+            slurm_id = await slurm.retrying(submit_once, say,
+                                            stop=lambda: job_id in self._cancel_requested)
+        except _CancelledBeforeSubmit:
+            outcome = Outcome(None, None, "cancelled")
+        except archive.ArchiveError as exc:
+            outcome = Outcome(None, None, f"could not unpack the input: {exc}")
+        except (StartError, OSError) as exc:
+            outcome = Outcome(None, None, f"could not start the job: {exc}")
+        except (SlurmError, OptionError) as exc:
+            outcome = Outcome(None, None, f"could not submit the job to Slurm: {exc}")
+        except SlurmGaveUp as exc:
+            outcome = Outcome(None, None, str(exc))
+        else:
+            self._move(record, {"slurm_id": slurm_id,
+                                "message": f"submitted to Slurm as job {slurm_id}"},
+                       durable=True)
+            return slurm.attach(job_id, slurm_id, timeout=timeout, started=None)
+        if token is not None:  # a submission that got through unseen must not run the job
+            await asyncio.to_thread(_remove, files.root / TOKEN)
+        return outcome
+
+    def _remote_update(self, job_id: str, changes: dict[str, Any]) -> None:
+        """What the Slurm poll learnt about a job: RUNNING, or a new message."""
+        record = self.store.get(job_id)
+        if record is None or job.is_terminal(record["status"]):
+            return
+        changes = dict(changes)
+        status = changes.get("status")
+        if status is not None and (status == record["status"]
+                                   or not job.can_move(record["status"], status)):
+            del changes["status"]
+            changes.pop("started", None)
+            status = None
+        self._move(record, changes, durable=status is not None)
 
     def _prepare(self, files: JobFiles) -> None:
         """A fresh working directory with the input unpacked, an empty log, home and tmp."""

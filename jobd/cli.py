@@ -158,7 +158,9 @@ def _finished_line(record: dict[str, Any]) -> str:
 
 
 @main.command(epilog=EXIT_CODES_HELP)
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--spec", help="Run the daemon's job spec of this name (PATHS: optional files "
+              "for it; --param gives its parameter values).")
 @click.option("--id", "job_id", help="Job id (1-128 of A-Z a-z 0-9 . _ -); the daemon makes "
               "one up when absent.")
 @click.option("--entry", help="Script to run instead of run.sh.")
@@ -177,7 +179,7 @@ def _finished_line(record: dict[str, Any]) -> str:
               help="Unpack the finished job's directory into DIR (new or empty; implies "
               "--wait).")
 @_client_command
-def submit(*, paths: tuple[Path, ...], job_id: str | None, entry: str | None,
+def submit(*, paths: tuple[Path, ...], spec: str | None, job_id: str | None, entry: str | None,
            args: tuple[str, ...], params: tuple[str, ...], timeout: str | None,
            priority: int | None, labels: tuple[str, ...], wait: bool, follow: bool,
            output: Path | None, url: str) -> None:
@@ -191,7 +193,12 @@ def submit(*, paths: tuple[Path, ...], job_id: str | None, entry: str | None,
     \b
       jobd submit ./job --wait -o result/
       jobd submit run.sh input.fasta --label project=x --follow
+      jobd submit --spec reverse --param input=in.fasta in.fasta --wait
     """
+    if spec is None and not paths:
+        raise click.UsageError("give the job's files (or --spec NAME)")
+    if spec is not None and (entry is not None or args):
+        raise click.UsageError("--entry and --arg do not apply to a spec job")
     fields: dict[str, Any] = {}
     if job_id is not None:
         problem = id_problem(job_id)
@@ -218,7 +225,9 @@ def submit(*, paths: tuple[Path, ...], job_id: str | None, entry: str | None,
     api = _connect(url)
     inputs = list(paths)
     with tempfile.TemporaryDirectory(prefix="jobd-submit-") as tmp:
-        if client.payload_kind(inputs) == "zip":
+        if not inputs:
+            record = api.submit(None, fields, spec=spec)
+        elif client.payload_kind(inputs) == "zip":
             zip_path = inputs[0]
         else:
             zip_path = Path(tmp) / "input.zip"
@@ -227,8 +236,9 @@ def submit(*, paths: tuple[Path, ...], job_id: str | None, entry: str | None,
             except OSError as exc:  # the temporary directory: full, or not writable
                 raise client.LocalError(f"cannot write {zip_path}: {exc.strerror or exc}") \
                     from exc
-        with Progress("uploading", base64_size(zip_path.stat().st_size)) as meter:
-            record = api.submit(zip_path, fields, progress=meter)
+        if inputs:
+            with Progress("uploading", base64_size(zip_path.stat().st_size)) as meter:
+                record = api.submit(zip_path, fields, progress=meter, spec=spec)
     job = str(record["id"])
     if follow:
         click.echo(f"submitted {job}", err=True)
@@ -242,6 +252,24 @@ def submit(*, paths: tuple[Path, ...], job_id: str | None, entry: str | None,
         _download_unpacked(api, job, output)
     click.echo(_finished_line(record), err=True)
     sys.exit(client.job_exit_code(record))
+
+
+@main.command(name="specs")
+@click.option("--json", "as_json", is_flag=True, help="The specs as JSON.")
+@_client_command
+def list_specs(as_json: bool, url: str) -> None:
+    """List the job specs the daemon offers, with their parameters."""
+    specs = _connect(url).specs()
+    if as_json:
+        click.echo(json.dumps(specs, indent=2))
+        return
+    for spec in specs:
+        schema = spec["parameters"]
+        required = set(schema.get("required") or ())
+        params = ", ".join(
+            f"{name}{'*' if name in required else ''}:{p.get('x-jobd-type', p.get('type'))}"
+            for name, p in schema["properties"].items())
+        click.echo(f"{spec['name']}\t{params}\t{spec['description']}")
 
 
 @main.command()

@@ -426,8 +426,8 @@ class Client:
     def _job_path(job_id: str, suffix: str = "") -> str:
         return f"/api/v1/jobs/{quote(job_id, safe='')}{suffix}"
 
-    def submit(self, zip_path: Path, fields: dict[str, Any], *,
-               progress: Progress | None = None) -> dict[str, Any]:
+    def submit(self, zip_path: Path | None, fields: dict[str, Any], *,
+               progress: Progress | None = None, spec: str | None = None) -> dict[str, Any]:
         """POST /api/v1/jobs with the zip as base64 streamed inside the JSON body.
 
         The small fields go first, then `"input": "` + base64 chunks + `"}`; the length is
@@ -435,14 +435,23 @@ class Client:
         """
         from jobd.pack import base64_size, iter_base64
 
+        path = (f"/api/v1/specs/{quote(spec, safe='')}/jobs" if spec is not None
+                else "/api/v1/jobs")
+        if zip_path is None:  # a spec job without files
+            return self.json("POST", path, body=[json.dumps(fields).encode()],
+                             length=len(json.dumps(fields).encode()),
+                             content_type="application/json")
         head = json.dumps(fields)[:-1] + (", " if fields else "") + '"input": "'
         tail = '"}'
         size = zip_path.stat().st_size
         length = len(head.encode()) + base64_size(size) + len(tail)
         body = _counted(_chain(head.encode(), iter_base64(zip_path, chunk_size=3 << 18),
                                tail.encode()), progress)
-        return self.json("POST", "/api/v1/jobs", body=body, length=length,
+        return self.json("POST", path, body=body, length=length,
                          content_type="application/json", answer_timeout=UPLOAD_ANSWER_TIMEOUT)
+
+    def specs(self) -> list[dict[str, Any]]:
+        return self.json("GET", "/api/v1/specs")["specs"]
 
     def get(self, job_id: str) -> dict[str, Any]:
         return self.json("GET", self._job_path(job_id))

@@ -166,3 +166,28 @@ def test_a_broken_spec_stops_the_daemon_with_file_line_and_reason(zipapp: Path, 
         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SHIV_ROOT": str(tmp_path / "s")})
     assert result.returncode == 2
     assert "broken job spec" in result.stderr and where in result.stderr
+
+
+def test_submit_by_spec_through_the_cli(spec_daemon: Daemon, zipapp: Path,
+                                        tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "JOBD_URL": spec_daemon.url,
+           "SHIV_ROOT": str(tmp_path / "shiv")}
+    listed = subprocess.run([str(zipapp), "specs"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert "reverse\tinput*:file, times:integer" in listed.stdout
+    data = tmp_path / "in.txt"
+    data.write_text("xyz\n")
+    out = tmp_path / "out"
+    run = subprocess.run([str(zipapp), "submit", "--spec", "reverse", "--param", "input=in.txt",
+                          "--param", "times=3", str(data), "--wait", "-o", str(out)],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert (out / "artifacts" / "out.txt").read_text() == "\nzyx" * 3
+    bad = subprocess.run([str(zipapp), "submit", "--spec", "reverse", "--param", "times=9",
+                          str(data)], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 3
+    assert "parameter 'input': is required" in bad.stderr
+    words = subprocess.run([str(zipapp), "submit", "--spec", "echo", "--param", "words=hi",
+                            "--wait"], env=env, capture_output=True, text=True, timeout=120)
+    assert words.returncode == 0, words.stderr

@@ -444,7 +444,7 @@ class JobManager:
         job_id = record["id"]
         options = record.get("options") or {}
         try:
-            await asyncio.to_thread(self._prepare, files)
+            await asyncio.to_thread(self._prepare, record, files)
             if job_id in self._cancel_requested:
                 return Outcome(None, None, "cancelled")
             env = self._environment(record, files)
@@ -560,7 +560,7 @@ class JobManager:
                             f"submitted to Slurm as job {slurm_id} (found again after a "
                             "restart)")}, durable=True)
                         return slurm.attach(job_id, slurm_id, timeout=timeout, started=None)
-            await asyncio.to_thread(self._prepare, files)
+            await asyncio.to_thread(self._prepare, record, files)
             env = self._environment(record, files)
             argv = self._command(record, files, env)
             token = await asyncio.to_thread(slurm.write_submission, job_id, files, argv)
@@ -613,11 +613,12 @@ class JobManager:
             status = None
         self._move(record, changes, durable=status is not None)
 
-    def _prepare(self, files: JobFiles) -> None:
+    def _prepare(self, record: dict[str, Any], files: JobFiles) -> None:
         """A fresh working directory with the input unpacked, an empty log, home and tmp."""
         _remove_all(files.work, files.result, files.home, files.tmp)
         archive.extract(files.input, files.work, self.limits)
-        (files.work / artifacts.DIRECTORY).mkdir(exist_ok=True)
+        if (record.get("options") or {}).get("spec"):  # others see just their upload
+            (files.work / artifacts.DIRECTORY).mkdir(exist_ok=True)
         files.home.mkdir()
         files.tmp.mkdir()
         files.log.write_bytes(b"")

@@ -269,10 +269,11 @@ def tokens_from_environ(environ: Mapping[str, str]) -> list[Token]:
         if not variable.startswith(_ENV_PREFIX) or variable == _ENV_PREFIX:
             continue
         name = variable[len(_ENV_PREFIX):].lower()
-        value = environ[variable].strip()
-        if _HEX64.fullmatch(value):
-            value = f"{CLIENT}:{value}"
-        tokens.extend(parse_token_lines(f"{name}:{value}", variable))
+        parts = environ[variable].strip().split(":", 2)
+        if len(parts) == 1:
+            parts = [CLIENT, parts[0]]
+        tokens.append(_token(name, parts[0], parts[1], parts[2] if len(parts) > 2 else None,
+                             variable))
     return tokens
 
 

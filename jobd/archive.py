@@ -650,7 +650,11 @@ def _tar_members(tf: tarfile.TarFile, reader: _HeaderBudget,
             _check_link(name, list(parts), info.linkname, limits)
             yield _Member(name, parts, "link", 0o777, info.mtime, info.linkname)
         elif info.islnk():
-            target = "/".join(_parts(info.linkname, limits))
+            try:
+                target = "/".join(_parts(info.linkname, limits))
+            except ArchiveError as exc:  # name the link, not only its target
+                detail = str(exc).split(": ", 1)[-1]
+                raise _entry(name, f"hard link target {_q(info.linkname)}: {detail}") from None
             yield _Member(name, parts, "hardlink", target=target)
         elif info.isreg():
             mode = 0o755 if info.mode & 0o111 else 0o644

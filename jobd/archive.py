@@ -249,7 +249,10 @@ def _check_directory(f: BinaryIO, limits: Limits) -> None:
     if not hasattr(z, "_EndRecData"):  # a future Python: zipfile alone must do
         log.warning("zipfile._EndRecData is gone: central directories are not pre-checked")
         return
-    end = z._EndRecData(f)
+    try:
+        end = z._EndRecData(f)  # raises for some damaged zip64 records (found by fuzzing)
+    except _READ_ERRORS as exc:
+        raise _damaged_zip(exc) from exc
     if not end:
         return
     size = end[z._ECD_SIZE]

@@ -18,17 +18,20 @@ import os
 import shutil
 import stat
 import sys
-import tarfile
 import tempfile
-import zipfile
 from pathlib import Path
 
 import atheris
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's jobd
 
-with atheris.instrument_imports(include=["jobd", "zipfile", "tarfile", "gzip", "bz2", "lzma",
-                                         "zlib", "struct"]):
+# The stdlib readers are imported here first, so they are instrumented too (their branches are
+# where damaged archives go).
+with atheris.instrument_imports(include=["jobd", "zipfile", "tarfile", "gzip", "_compression"]):
+    import gzip  # noqa: F401
+    import tarfile
+    import zipfile
+
     from jobd import archive
 
 LIMITS = archive.Limits(max_size=1 << 20, max_entries=64, ratio_floor=64 << 10,
@@ -67,8 +70,8 @@ def seeds() -> list[bytes]:
 
 
 def outside_dest() -> list[str]:
-    """Anything in the box but the input and the destination: an escape."""
-    return sorted(name for name in os.listdir(BOX) if name not in ("input", "dest"))
+    """Anything in the box but the input, the destination and the seeds: an escape."""
+    return sorted(name for name in os.listdir(BOX) if name not in ("input", "dest", "seeds"))
 
 
 def test_one_input(data: bytes) -> None:
@@ -89,14 +92,11 @@ def test_one_input(data: bytes) -> None:
 
 
 def main() -> None:
-    args = list(sys.argv)
-    if not any(not a.startswith("-") for a in args[1:]):
-        seed_dir = BOX.parent / (BOX.name + "-seeds")
-        seed_dir.mkdir(exist_ok=True)
-        for number, seed in enumerate(seeds()):
-            (seed_dir / f"seed{number}").write_bytes(seed)
-        args.append(str(seed_dir))
-    atheris.Setup(args, test_one_input)
+    seed_dir = BOX / "seeds"  # after any corpus directory given: new inputs go to that one
+    seed_dir.mkdir()
+    for number, seed in enumerate(seeds()):
+        (seed_dir / f"seed{number}").write_bytes(seed)
+    atheris.Setup([*sys.argv, str(seed_dir)], test_one_input)
     try:
         atheris.Fuzz()
     finally:

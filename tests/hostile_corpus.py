@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import httpx
 
-from tests.test_archive import raw_zip, stored
+from tests.test_archive import multi_disk_zip, raw_zip, stored
 
 # Where absolute-path entries point: a directory that must never come into existence.
 SENTINEL = f"/tmp/jobd-hostile-{uuid.uuid4().hex[:12]}"
@@ -245,6 +245,7 @@ ARCHIVES = [
             "damaged zip file"),
     Archive("zip-only-end-record", lambda: b"PK\x05\x06" + bytes(18),
             "run.sh does not exist in the input file"),
+    Archive("zip-multi-disk-locator", multi_disk_zip, "span multiple disks"),
     Archive("not-an-archive", lambda: b"#!/bin/sh\necho this is not a zip\n" * 10,
             "not a zip"),
     Archive("zip-encrypted", lambda: raw_zip([stored(b"run.sh", RUN_SH, flags=1)]),

@@ -837,3 +837,19 @@ def test_tar_extraction_stays_inside(tmp_path_factory: pytest.TempPathFactory,
         if found.is_file() and not found.is_symlink():
             assert found.stat().st_nlink == 1 or found.stat().st_ino in inodes
             assert not found.stat().st_mode & (stat.S_ISUID | stat.S_ISGID)
+
+
+def multi_disk_zip() -> bytes:
+    """A zip64 end-of-directory locator claiming two disks: zipfile's _EndRecData raises
+    BadZipFile on it (found by tests/fuzz_archive.py; it escaped as a 500 before)."""
+    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, 0, 2)
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 0, 0, 0, 0, 0)
+    return b"PK\x03\x04" + bytes(26) + locator + end
+
+
+def test_multi_disk_zip_is_a_damaged_zip(tmp_path: Path) -> None:
+    path = tmp_path / "in.zip"
+    path.write_bytes(multi_disk_zip())
+    message = "input is a damaged zip file: zipfiles that span multiple disks are not supported"
+    assert zip_refused(path) == message
+    assert refused(path, tmp_path / "dest") == message

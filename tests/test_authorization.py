@@ -3,12 +3,11 @@
 Tokens (wrong, expired, other clients'), per-job secrets, TLS, and mutual TLS with good,
 unknown, expired and missing client certificates (made here with trustme).
 
-The routes are data: `JOB_ROUTES` (routes that act on one job) and `CREATE_ROUTES` (routes that
-create one). `test_every_route_is_covered` compares them with the daemon's routing table, so a
-protocol added without a line here fails the suite. Hooks for the routes of other branches:
-
-    JOB_ROUTES += [JobRoute("GET", "/api/v1/jobs/{id}", {200}), ...]      (one line per route)
-    CREATE_ROUTES += [CreateRoute("native", native_create)]               (one line per route)
+The routes are data: `JOB_ROUTES` (routes that act on one job), `CREATE_ROUTES` (routes that
+create one) and `OTHER_ROUTES`. Routes of every protocol are listed; those the build does not
+have are skipped, so the native API and the orchestrator protocol are checked as soon as they
+are merged. `test_every_route_is_covered` compares the lists with the daemon's routing table: a
+route added without a line here fails the suite.
 """
 
 from __future__ import annotations
@@ -52,57 +51,115 @@ def auth_headers(token: str | None) -> dict[str, str]:
 
 # -- the routes, as data ----------------------------------------------------------------------
 
+PRESENT = {getattr(r, "path", "") for r in
+           create_app(Config.load({}), authenticator=Authenticator()).routes}
+
 
 class JobRoute:
-    """A route that acts on one job, and what it answers when the caller may see the job.
+    """A route that acts on one job.
 
+    A caller that may not see the job gets exactly the answer of a job that does not exist;
+    a caller that may gets anything else but a server error (`ok`, when given, narrows it).
+    `numeric`: the protocol addresses jobs by unsigned integer ids (the orchestrator).
     `extra` holds further httpx arguments (a body, for instance)."""
 
-    def __init__(self, method: str, path: str, ok: set[int], **extra: Any) -> None:
+    def __init__(self, method: str, path: str, ok: set[int] | None = None, *,
+                 numeric: bool = False, **extra: Any) -> None:
         self.method = method
-        self.path = path  # with {id}
-        self.ok = frozenset(ok)
+        self.path = path  # with {id}, as in the routing table
+        self.ok = frozenset(ok) if ok else None
+        self.numeric = numeric
         self.extra = extra
+
+    def __repr__(self) -> str:
+        return f"{self.method} {self.path}"
 
     def call(self, client: httpx.Client, job_id: str, headers: dict[str, str],
              params: dict[str, str] | None = None) -> httpx.Response:
-        return client.request(self.method, self.path.replace("{id}", job_id), headers=headers,
-                              params=params, **self.extra)
+        path = self.path.replace("{id}", job_id).replace("{path:path}", "run.sh")
+        return client.request(self.method, path, headers=headers, params=params, **self.extra)
+
+    def allowed(self, response: httpx.Response, ghost: httpx.Response) -> bool:
+        if response.status_code >= 500 or same_answer(response, ghost):
+            return False
+        return self.ok is None or response.status_code in self.ok
 
 
 @dataclass(frozen=True)
 class CreateRoute:
-    """A route that creates a job: `create(client, job_id, headers, secret)`."""
+    """A route that creates a job: `create(client, job_id, headers, secret)` -> (answer, id).
+
+    `secrets`: whether the route takes a per-job secret."""
 
     name: str
-    create: Callable[[httpx.Client, str, dict[str, str], str | None], httpx.Response]
     path: str
+    create: Callable[[httpx.Client, str, dict[str, str], str | None],
+                     tuple[httpx.Response, str | None]]
+    secrets: bool = True
 
 
 def classic_create(client: httpx.Client, job_id: str, headers: dict[str, str],
-                   secret: str | None) -> httpx.Response:
+                   secret: str | None) -> tuple[httpx.Response, str | None]:
     extra = {"secret": secret} if secret is not None else {}
-    return client.post("/api/upload", json=classic_body(job_id, RUN, **extra), headers=headers)
+    response = client.post("/api/upload", json=classic_body(job_id, RUN, **extra),
+                           headers=headers)
+    return response, job_id
+
+
+def native_create(client: httpx.Client, job_id: str, headers: dict[str, str],
+                  secret: str | None) -> tuple[httpx.Response, str | None]:
+    body = classic_body(job_id, RUN)
+    if secret is not None:
+        body["secret"] = secret
+    return client.post("/api/v1/jobs", json=body, headers=headers), job_id
+
+
+def orchestrator_create(client: httpx.Client, job_id: str, headers: dict[str, str],
+                        secret: str | None) -> tuple[httpx.Response, str | None]:
+    response = client.post("/submit", headers=headers, files=[
+        ("file", ("run.sh", RUN["run.sh"].encode(), "application/octet-stream"))])
+    made = str(response.json()["id"]) if response.status_code == 200 else None
+    return response, made
 
 
 JOB_ROUTES = [
     JobRoute("GET", "/api/get/{id}", {200, 202}),
+    # native API (ARCHITECTURE.md)
+    JobRoute("GET", "/api/v1/jobs/{id}", {200}),
+    JobRoute("DELETE", "/api/v1/jobs/{id}", {204, 409}),
+    JobRoute("POST", "/api/v1/jobs/{id}/cancel", {200}),
+    JobRoute("POST", "/api/v1/jobs/{id}/restart", {200, 409}),
+    JobRoute("GET", "/api/v1/jobs/{id}/logs", {200}),
+    JobRoute("GET", "/api/v1/jobs/{id}/files", {200, 409}),
+    JobRoute("GET", "/api/v1/jobs/{id}/files/{path:path}"),
+    JobRoute("GET", "/api/v1/jobs/{id}/archive", {200, 409}),
+    # orchestrator protocol (wire-compat.md section 2)
+    JobRoute("GET", "/retrieve/{id}", {200}, numeric=True),
+    JobRoute("GET", "/retrieve_partial/{id}", {200}, numeric=True),
+    JobRoute("POST", "/kill/{id}", {200}, numeric=True),
 ]
 CREATE_ROUTES = [
-    CreateRoute("classic", classic_create, "/api/upload"),
+    CreateRoute("classic", "/api/upload", classic_create),
+    CreateRoute("native", "/api/v1/jobs", native_create),
+    CreateRoute("orchestrator", "/submit", orchestrator_create, secrets=False),
 ]
 # Routes that need no job: every one but /health needs credentials when authentication is on.
 OPEN_ROUTES = {"/health"}
-OTHER_ROUTES: set[str] = set()
+OTHER_ROUTES = {"/", "/load", "/api/v1/jobs", "/api/v1/overview", "/metrics", "/openapi.json",
+                "/docs"}
+
+
+def present(route: Any) -> Any:
+    return pytest.param(route, id=str(getattr(route, "name", route)), marks=[] if route.path
+                        in PRESENT else [pytest.mark.skip(reason=f"{route.path} is not in "
+                                                                 "this build")])
 
 
 def test_every_route_is_covered() -> None:
     """A route nobody listed here has not been checked for authorization: list it above."""
-    app = create_app(Config.load({}), authenticator=Authenticator())
     listed = {r.path for r in JOB_ROUTES} | {r.path for r in CREATE_ROUTES} | OPEN_ROUTES \
         | OTHER_ROUTES
-    missing = sorted(getattr(route, "path", "") for route in app.routes
-                     if getattr(route, "path", "") not in listed)
+    missing = sorted(path for path in PRESENT if path not in listed)
     assert not missing, f"add these routes to JOB_ROUTES, CREATE_ROUTES or OTHER_ROUTES: {missing}"
 
 
@@ -152,67 +209,94 @@ def anonymous(zipapp: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     stop(daemon)
 
 
-def new_id(prefix: str) -> str:
+def new_id(prefix: str, numeric: bool = False) -> str:
+    if numeric:  # an unsigned 32-bit id, as the orchestrator protocol addresses jobs
+        return str(3_000_000_000 + uuid.uuid4().int % 1_000_000_000)
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
 def create(daemon: Daemon, owner: str | None, route: CreateRoute | None = None,
-           secret: str | None = None) -> str:
-    job_id = new_id(owner or "anon")
-    response = (route or CREATE_ROUTES[0]).create(
-        daemon.client, job_id, auth_headers(TOKENS[owner] if owner else None), secret)
-    assert response.status_code in (200, 201), response.text
+           secret: str | None = None, numeric: bool = False) -> str:
+    route = route or CREATE_ROUTES[0]
+    response, job_id = route.create(daemon.client, new_id(owner or "anon", numeric),
+                                    auth_headers(TOKENS[owner] if owner else None), secret)
+    assert response.status_code in (200, 201) and job_id is not None, response.text
     return job_id
 
 
+def same_answer(response: httpx.Response, ghost: httpx.Response) -> bool:
+    """Whether `response` is the answer a job that does not exist gets (status and body)."""
+    return response.status_code == ghost.status_code == 404 and response.content == ghost.content
+
+
 def is_not_found(response: httpx.Response) -> bool:
-    """The answer of a job that does not exist, in every protocol's shape."""
-    if response.status_code != 404:
-        return False
-    body = response.json()
-    return body.get("error") == "not_found" and body.get("status") == 404
+    """The classic answer of a job that does not exist."""
+    return response.status_code == 404 and response.json() == {
+        "error": "not_found", "message": "job not found", "status": 404}
+
+
+def ghost_of(daemon: Daemon, route: JobRoute, token: str | None) -> httpx.Response:
+    """The route's answer for a job that does not exist."""
+    ghost = route.call(daemon.client, new_id("ghost", route.numeric), auth_headers(token))
+    assert ghost.status_code == 404 and ghost.json()["error"] == "not_found", ghost.text
+    return ghost
 
 
 # -- tokens -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("route", CREATE_ROUTES, ids=lambda r: r.name)
+@pytest.mark.parametrize("route", [present(r) for r in CREATE_ROUTES])
 def test_create_records_the_owner(secured: Daemon, route: CreateRoute) -> None:
     job_id = create(secured, "alice", route)
+    reader = JOB_ROUTES[0]  # the classic read reaches jobs of every protocol
+    ghost = ghost_of(secured, reader, TOKENS["alice"])
     for caller, token in TOKENS.items():
-        response = JOB_ROUTES[0].call(secured.client, job_id, auth_headers(token))
-        assert (response.status_code in JOB_ROUTES[0].ok) is (caller in ("alice", "root"))
+        response = reader.call(secured.client, job_id, auth_headers(token))
+        assert reader.allowed(response, ghost) is (caller in ("alice", "root")), response.text
     log = (secured.workdir / "daemon.log").read_text()
     assert TOKENS["alice"] not in log and sha(TOKENS["alice"]) not in log
 
 
-@pytest.mark.parametrize("route", JOB_ROUTES, ids=lambda r: f"{r.method} {r.path}")
+@pytest.mark.parametrize("route", [present(r) for r in JOB_ROUTES])
 def test_each_client_against_every_other_clients_job(secured: Daemon, route: JobRoute) -> None:
     """A regular client sees its own jobs only, the admin every job; another client's job
     answers exactly like a job that does not exist."""
-    ghost = route.call(secured.client, "no-such-job", auth_headers(TOKENS["alice"]))
-    assert is_not_found(ghost)
     for owner in TOKENS:
         for caller, token in TOKENS.items():
-            job_id = create(secured, owner)  # fresh: the route may delete or cancel it
+            ghost = ghost_of(secured, route, token)
+            job_id = create(secured, owner, numeric=route.numeric)  # fresh: it may be deleted
             response = route.call(secured.client, job_id, auth_headers(token))
             if caller == owner or ROLES[caller] == "admin":
-                assert response.status_code in route.ok, (owner, caller, response.text)
+                assert route.allowed(response, ghost), (owner, caller, response.text)
             else:
-                assert is_not_found(response), (owner, caller, response.text)
-                assert response.json()["message"] == ghost.json()["message"]
+                assert same_answer(response, ghost), (owner, caller, response.text)
                 # the secret of another's job does not help a client either
                 again = route.call(secured.client, job_id, {**auth_headers(token),
                                                             "X-Job-Secret": SECRET})
-                assert is_not_found(again)
+                assert same_answer(again, ghost), (owner, caller, again.text)
+
+
+@pytest.mark.parametrize("route", [present(r) for r in CREATE_ROUTES])
+def test_listing_shows_each_client_its_own_jobs(secured: Daemon, route: CreateRoute) -> None:
+    if "/api/v1/jobs" not in PRESENT:
+        pytest.skip("GET /api/v1/jobs is not in this build")
+    mine = {owner: create(secured, owner, route) for owner in TOKENS}
+    for caller, token in TOKENS.items():
+        listing = secured.client.get("/api/v1/jobs", params={"limit": 1000},
+                                     headers=auth_headers(token))
+        assert listing.status_code == 200, listing.text
+        seen = {j["id"] for j in listing.json()["jobs"]}
+        for owner, job_id in mine.items():
+            assert (job_id in seen) is (owner == caller or ROLES[caller] == "admin")
 
 
 def all_paths() -> list[tuple[str, str]]:
-    """(method, path) of every route, plus an unknown one: all need a token."""
-    found = [(r.method, r.path.replace("{id}", "some-job")) for r in JOB_ROUTES]
-    found += [("POST", r.path) for r in CREATE_ROUTES]
-    found += [("GET", path) for path in sorted(OTHER_ROUTES)]
-    return [*found, ("GET", "/no/such/route"), ("GET", "/")]
+    """(method, path) of every route the build has, plus unknown ones: all need a token."""
+    found = [(r.method, r.path.replace("{id}", "123").replace("{path:path}", "x"))
+             for r in JOB_ROUTES if r.path in PRESENT]
+    found += [("POST", r.path) for r in CREATE_ROUTES if r.path in PRESENT]
+    found += [("GET", path) for path in sorted(OTHER_ROUTES) if path in PRESENT]
+    return [*found, ("GET", "/no/such/route"), ("GET", "/"), ("POST", "/health/x")]
 
 
 @pytest.mark.parametrize(("token", "message"), [
@@ -254,23 +338,27 @@ def test_upload_without_token_stores_nothing(secured: Daemon) -> None:
 
 
 def test_owner_does_not_need_the_secret(secured: Daemon) -> None:
+    reader = JOB_ROUTES[0]
     job_id = create(secured, "bob", secret=SECRET)
-    own = JOB_ROUTES[0].call(secured.client, job_id, auth_headers(TOKENS["bob"]))
-    assert own.status_code in JOB_ROUTES[0].ok
-    other = JOB_ROUTES[0].call(secured.client, job_id, {**auth_headers(TOKENS["alice"]),
-                                                        "X-Job-Secret": SECRET})
-    assert is_not_found(other)
+    ghost = ghost_of(secured, reader, TOKENS["alice"])
+    own = reader.call(secured.client, job_id, auth_headers(TOKENS["bob"]))
+    assert reader.allowed(own, ghost)
+    other = reader.call(secured.client, job_id, {**auth_headers(TOKENS["alice"]),
+                                                 "X-Job-Secret": SECRET})
+    assert same_answer(other, ghost)
 
 
 # -- per-job secrets (authentication off) -----------------------------------------------------
 
 
-@pytest.mark.parametrize("route", JOB_ROUTES, ids=lambda r: f"{r.method} {r.path}")
+@pytest.mark.parametrize("route", [present(r) for r in JOB_ROUTES])
 def test_a_secret_job_needs_its_secret(anonymous: Daemon, route: JobRoute) -> None:
-    plain = create(anonymous, None)
-    assert route.call(anonymous.client, plain, {}).status_code in route.ok
+    creator = next(c for c in CREATE_ROUTES if c.secrets)  # classic: ids of any form
+    ghost = ghost_of(anonymous, route, None)
+    plain = create(anonymous, None, creator, numeric=route.numeric)
+    assert route.allowed(route.call(anonymous.client, plain, {}), ghost)
     for how in ("none", "wrong", "header", "query", "empty"):
-        job_id = create(anonymous, None, secret=SECRET)
+        job_id = create(anonymous, None, creator, secret=SECRET, numeric=route.numeric)
         headers: dict[str, str] = {}
         params = None
         if how == "wrong":
@@ -283,17 +371,17 @@ def test_a_secret_job_needs_its_secret(anonymous: Daemon, route: JobRoute) -> No
             headers = {"X-Job-Secret": ""}
         response = route.call(anonymous.client, job_id, headers, params)
         if how in ("header", "query"):
-            assert response.status_code in route.ok, (how, response.text)
+            assert route.allowed(response, ghost), (how, response.text)
             assert SECRET not in response.text
         else:
-            assert is_not_found(response), (how, response.text)
+            assert same_answer(response, ghost), (how, response.text)
 
 
-@pytest.mark.parametrize("route", CREATE_ROUTES, ids=lambda r: r.name)
+@pytest.mark.parametrize("route", [present(r) for r in CREATE_ROUTES if r.secrets])
 def test_the_secret_is_never_echoed_nor_stored(anonymous: Daemon, route: CreateRoute) -> None:
-    job_id = new_id("quiet")
-    response = route.create(anonymous.client, job_id, {}, SECRET)
+    response, job_id = route.create(anonymous.client, new_id("quiet"), {}, SECRET)
     assert response.status_code in (200, 201) and SECRET not in response.text
+    assert job_id is not None
 
     def finished() -> httpx.Response | None:
         got = anonymous.client.get(f"/api/get/{job_id}", headers={"X-Job-Secret": SECRET})

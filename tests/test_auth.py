@@ -295,3 +295,35 @@ def test_listings_hide_secret_jobs_from_anonymous_callers() -> None:
     assert seen == ["a", "c"]
     assert [r["id"] for r in records if auth.visible_to(Client("alice"))(r)] == ["c"]
     assert len([r for r in records if auth.visible_to(Client("r", ADMIN))(r)]) == 3
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def test_hash_token_reads_stdin_or_an_argument() -> None:
+    from click.testing import CliRunner
+
+    from jobd.cli import main
+
+    runner = CliRunner()
+    assert runner.invoke(main, ["hash-token"], input=f"  {ALICE}\n").output.strip() == sha(ALICE)
+    assert runner.invoke(main, ["hash-token", ALICE]).output.strip() == sha(ALICE)
+    empty = runner.invoke(main, ["hash-token"], input="\n")
+    assert empty.exit_code == 2 and "no token given" in empty.output
+
+
+def test_new_token_prints_a_token_and_its_line() -> None:
+    from click.testing import CliRunner
+
+    from jobd.cli import main
+
+    result = CliRunner().invoke(main, ["new-token", "ops", "--role", "admin", "--expires",
+                                       "2030-01-01T00:00:00Z"])
+    assert result.exit_code == 0, result.output
+    token, line = result.output.splitlines()
+    assert len(token) >= 43 and line == f"ops:admin:{sha(token)}:2030-01-01T00:00:00Z"
+    authenticator = Authenticator(auth.parse_token_lines(line, "new-token"))
+    assert authenticator.authenticate(scope(bearer(token)), now=0) == Client("ops", ADMIN,
+                                                                             "token")
+    bad = CliRunner().invoke(main, ["new-token", "no/slash"])
+    assert bad.exit_code == 2 and "client name" in bad.output

@@ -30,7 +30,7 @@ import trustme
 from jobd.app import create_app
 from jobd.auth import Authenticator
 from jobd.config import Config
-from tests.conftest import Daemon, classic_body, wait_until
+from tests.conftest import Daemon, classic_body, python39, wait_until
 
 TOKENS = {"alice": "alice-0123456789abcdef", "bob": "bob-0123456789abcdef",
           "root": "root-0123456789abcdef"}
@@ -167,10 +167,10 @@ def test_every_route_is_covered() -> None:
 
 
 def start(zipapp: Path, where: Path, *, verify: ssl.SSLContext | None = None,
-          **env: str) -> Daemon:
+          interpreter: str | None = None, **env: str) -> Daemon:
     """A daemon; with `verify` it speaks HTTPS and its client uses that context."""
     where.mkdir(parents=True, exist_ok=True)
-    daemon = Daemon(zipapp, where, **FAST, **env)
+    daemon = Daemon(zipapp, where, interpreter, **FAST, **env)
     if verify is not None:
         daemon.url = f"https://127.0.0.1:{daemon.port}"
         daemon.client.close()
@@ -529,6 +529,26 @@ def test_mutual_tls_optional_with_tokens(zipapp: Path, tmp_path: Path, pki: dict
         with pytest.raises(httpx.TransportError):
             tls_get(daemon, pki, "stranger", "/health")
         assert daemon.proc is not None and daemon.proc.poll() is None
+    finally:
+        stop(daemon)
+
+
+@pytest.mark.skipif(python39() is None, reason="no CPython 3.9 on this machine")
+def test_tokens_and_mutual_tls_under_python39(zipapp: Path, tmp_path: Path,
+                                              pki: dict[str, Any], tokens_file: Path) -> None:
+    """The oldest supported Python: the TLS extension, tokens and the rule work there too."""
+    daemon = start(zipapp, tmp_path / "py39", verify=tls_context(pki),
+                   interpreter=python39(), JOBD_TLS_CLIENT_CA=str(pki["where"] / "ca.pem"),
+                   JOBD_TLS_CLIENT_CERT="optional", JOBD_TOKENS_FILE=str(tokens_file),
+                   **tls_env(pki))
+    try:
+        job_id = tls_upload(daemon, pki, "alice")
+        assert tls_get(daemon, pki, "alice", f"/api/get/{job_id}").status_code in (200, 202)
+        assert tls_get(daemon, pki, None, f"/api/get/{job_id}",
+                       headers=auth_headers(TOKENS["alice"])).status_code in (200, 202)
+        assert is_not_found(tls_get(daemon, pki, "bob", f"/api/get/{job_id}"))
+        expired = tls_get(daemon, pki, None, "/api/get/x", headers=auth_headers(EXPIRED))
+        assert expired.json()["message"] == "the token has expired"
     finally:
         stop(daemon)
 

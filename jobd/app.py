@@ -16,7 +16,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from jobd import api, classic, metrics, openapi, orchestrator
+from jobd import api, classic, limits, metrics, openapi, orchestrator
+from jobd.auth import Authenticator, AuthMiddleware
 from jobd.config import Config
 from jobd.manager import JobManager
 from jobd.reaper import Reaper
@@ -61,8 +62,10 @@ class RequestLog:
             await self.app(scope, receive, send_and_note)
         finally:
             client = scope.get("client") or ("-", 0)
-            log.info('%s "%s %s" %d %.1fms', client[0], scope["method"], scope["path"],
-                     status, (time.perf_counter() - started) * 1000)
+            caller = getattr((scope.get("state") or {}).get("client"), "name", None)
+            log.info('%s "%s %s" %d %.1fms%s', client[0], scope["method"], scope["path"],
+                     status, (time.perf_counter() - started) * 1000,
+                     f" client={caller}" if caller else "")
 
 
 def load_configured_specs(config: Config) -> dict[str, Spec]:
@@ -77,12 +80,16 @@ def load_configured_specs(config: Config) -> dict[str, Spec]:
 
 def create_app(config: Config, *, store: JobStore | None = None,
                specs: dict[str, Spec] | None = None,
-               adopt_orphans: bool = False) -> Starlette:
+               adopt_orphans: bool = False,
+               authenticator: Authenticator | None = None) -> Starlette:
     """The whole daemon as an ASGI app.
 
     `store` may be opened by the caller (the server does, to report a damaged database before
     anything listens); `adopt_orphans` makes the reaper collect every child, as PID 1 must.
+    `authenticator` defaults to the clients configured in `config` and the environment.
     """
+    if authenticator is None:
+        authenticator = Authenticator.from_config(config)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -113,9 +120,14 @@ def create_app(config: Config, *, store: JobStore | None = None,
         Route("/metrics", metrics.endpoint, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: http_error})
+                    exception_handlers={HTTPException: http_error, **limits.handlers})
     app.state.metrics = metrics.Metrics()
     app.add_middleware(metrics.HTTPMetrics, metrics=app.state.metrics)
+    app.state.pace = limits.Pace.of(config)
+    app.state.authenticator = authenticator
+    app.add_middleware(AuthMiddleware, authenticator=authenticator)
+    app.add_middleware(limits.RequestLimits, max_url=config.max_url,
+                       max_header=config.max_header)
     if config.access_log:
         app.add_middleware(RequestLog)
     return app

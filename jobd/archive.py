@@ -249,7 +249,10 @@ def _check_directory(f: BinaryIO, limits: Limits) -> None:
     if not hasattr(z, "_EndRecData"):  # a future Python: zipfile alone must do
         log.warning("zipfile._EndRecData is gone: central directories are not pre-checked")
         return
-    end = z._EndRecData(f)
+    try:
+        end = z._EndRecData(f)  # raises for some damaged zip64 records (found by fuzzing)
+    except _READ_ERRORS as exc:
+        raise _damaged_zip(exc) from exc
     if not end:
         return
     size = end[z._ECD_SIZE]
@@ -651,7 +654,11 @@ def _tar_members(tf: tarfile.TarFile, reader: _HeaderBudget,
             _check_link(name, list(parts), info.linkname, limits)
             yield _Member(name, parts, "link", 0o777, info.mtime, info.linkname)
         elif info.islnk():
-            target = "/".join(_parts(info.linkname, limits))
+            try:
+                target = "/".join(_parts(info.linkname, limits))
+            except ArchiveError as exc:  # name the link, not only its target
+                detail = str(exc).split(": ", 1)[-1]
+                raise _entry(name, f"hard link target {_q(info.linkname)}: {detail}") from None
             yield _Member(name, parts, "hardlink", target=target)
         elif info.isreg():
             mode = 0o755 if info.mode & 0o111 else 0o644

@@ -20,7 +20,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from jobd import archive, job, pack
+from jobd import archive, auth, job, limits, pack
+from jobd.limits import BodyTooLarge
 from jobd.manager import JobManager, Locked, NotFound
 from jobd.store import JobExists
 from jobd.upload import ClassicBodyScanner, UploadError
@@ -29,13 +30,11 @@ from jobd.upload import ClassicBodyScanner, UploadError
 _INLINE_RESULT = 256 * 1024
 
 
-class BodyTooLarge(Exception):
-    """The request body passed JOBD_MAX_BODY."""
-
-
-def error(status: int, kind: str, message: str) -> JSONResponse:
+def error(status: int, kind: str, message: str,
+          headers: dict[str, str] | None = None) -> JSONResponse:
     """The classic error shape."""
-    return JSONResponse({"error": kind, "message": message, "status": status}, status)
+    return JSONResponse({"error": kind, "message": message, "status": status}, status,
+                        headers=headers)
 
 
 def bad_request(message: str) -> JSONResponse:
@@ -95,17 +94,14 @@ def result_response(record: dict[str, Any], result: Path, status: int) -> Respon
 
 async def receive_upload(request: Request, dest: Path, max_body: int,
                          fsync: bool) -> tuple[dict[str, Any], ClassicBodyScanner]:
-    """Scan the JSON body, streaming `input`'s base64 into `dest` as raw bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_body:
-        raise BodyTooLarge()
-    received = 0
+    """Scan the JSON body, streaming `input`'s base64 into `dest` as raw bytes.
+
+    The body is read through `limits.body`: BodyTooLarge past `max_body`, BodyTimeout for a
+    client that sends too slowly.
+    """
     with open(dest, "wb") as sink:
         scanner = ClassicBodyScanner(sink)
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > max_body:
-                raise BodyTooLarge()
+        async for chunk in limits.body(request, max_body):
             scanner.feed(chunk)
         fields = scanner.finish()
         if fsync:
@@ -131,7 +127,7 @@ async def upload(request: Request) -> Response:
             return bad_request(message)
         except BodyTooLarge:
             return error(413, "request_entity_too_large",
-                         f"request body is larger than {config.max_body} bytes")
+                         f"request body is larger than {config.max_body} bytes", limits.CLOSE)
         job_id = fields.get("id")
         problem = job.id_problem(job_id)
         if problem:
@@ -141,6 +137,11 @@ async def upload(request: Request) -> Response:
         slurml = fields.get("slurml", False)
         if not isinstance(slurml, bool):
             return bad_request("error validating job slurml must be true or false")
+        secret = fields.get("secret")  # an extension: the Go jobd ignores unknown keys
+        if secret is not None:
+            problem = auth.secret_problem(secret)
+            if problem:
+                return bad_request(f"error validating job {problem}")
         if not scanner.found_input or scanner.input_size == 0:
             return bad_request("error validating job input is required")
         try:
@@ -150,7 +151,8 @@ async def upload(request: Request) -> Response:
         executor = "slurm" if slurml else config.executor
         try:
             record = await manager.create(job_id, incoming, protocol="classic",
-                                          options={"slurml": slurml}, executor=executor)
+                                          options={"slurml": slurml}, executor=executor,
+                                          owner=auth.client_of(request).name, secret=secret)
         except JobExists:
             return bad_request("job already exists")
         except ValueError as exc:  # the executor is not available, or refuses the options
@@ -164,7 +166,7 @@ async def upload(request: Request) -> Response:
 async def get(request: Request) -> Response:
     manager: JobManager = request.app.state.manager
     try:
-        record = manager.get(request.path_params["id"])
+        record = manager.get(request.path_params["id"], auth.client_of(request))
     except NotFound:
         return error(404, "not_found", "job not found")
     if not job.is_terminal(record["status"]):

@@ -535,3 +535,46 @@ def clean(older_than: str, statuses: tuple[str, ...], labels: tuple[str, ...], d
         _each(tuple(doomed), one)
     finally:
         click.echo(f"{deleted} job(s) deleted", err=True)
+
+
+@main.command("hash-token")
+@click.argument("token", required=False)
+def hash_token(token: str | None) -> None:
+    """Print the SHA-256 of a token, as a tokens file or JOBD_TOKEN_<NAME> holds it.
+
+    The token is read from standard input when not given (so it stays out of the shell
+    history); surrounding whitespace is ignored.
+    """
+    from jobd.auth import hash_token as digest_of
+
+    text = token if token is not None else sys.stdin.readline()
+    text = text.strip()
+    if not text:
+        raise click.UsageError("no token given (argument or one line on standard input)")
+    click.echo(digest_of(text))
+
+
+@main.command("new-token")
+@click.argument("client")
+@click.option("--role", type=click.Choice(["client", "admin"]), default="client",
+              show_default=True, help="admin sees and manages every job.")
+@click.option("--expires", default=None, metavar="TIME",
+              help="RFC 3339 time or date after which the token stops working.")
+def new_token(client: str, role: str, expires: str | None) -> None:
+    """Make a random token for CLIENT: prints the token, then the tokens-file line.
+
+    Give the token to the client (it is not stored anywhere); add the line (it holds only
+    the hash) to JOBD_TOKENS_FILE.
+    """
+    from jobd.auth import hash_token as digest_of
+    from jobd.auth import new_token as make
+    from jobd.auth import parse_token_lines
+
+    token = make()
+    line = f"{client}:{role}:{digest_of(token)}" + (f":{expires}" if expires else "")
+    try:
+        parse_token_lines(line, "new-token")
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    click.echo(token)
+    click.echo(line)

@@ -96,6 +96,20 @@ def parse_options(text: str) -> tuple[str, ...]:
     return words
 
 
+def parse_optional_path(text: str) -> Path | None:
+    """A path, or None for an empty value (so `VAR=` means unset)."""
+    return Path(text) if text.strip() else None
+
+
+def parse_choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {text!r}")
+        return value
+    return parse
+
+
 def setting(default: Any, env: str, help: str, parse: Callable[[str], Any] = str, *,
             shown: str | None = None) -> Any:
     """Declare one setting: a dataclass field carrying its variable, parser and help."""
@@ -164,6 +178,43 @@ class Config:
                                int)
     max_ratio: int = setting(200, "JOBD_MAX_RATIO", "Highest compression ratio of an input "
                              "archive (zip bomb guard).", int)
+    # -- security (SECURITY.md): who may call, over what, and what one request may cost --------
+    tokens_file: Path | None = setting(None, "JOBD_TOKENS_FILE", "Bearer tokens of the clients "
+                                       "(TOML, or `name:role:sha256[:expires]` lines), stored "
+                                       "hashed; turns authentication on. `JOBD_TOKEN_<NAME>` "
+                                       "variables add more.", parse_optional_path,
+                                       shown="none")
+    tls_cert: Path | None = setting(None, "JOBD_TLS_CERT", "PEM certificate (chain) to serve "
+                                    "HTTPS with; needs JOBD_TLS_KEY.", parse_optional_path,
+                                    shown="none")
+    tls_key: Path | None = setting(None, "JOBD_TLS_KEY", "PEM private key of JOBD_TLS_CERT.",
+                                   parse_optional_path, shown="none")
+    tls_client_ca: Path | None = setting(None, "JOBD_TLS_CLIENT_CA", "PEM CA certificate(s) "
+                                         "client certificates must be signed by (mutual TLS); "
+                                         "the subject's CN names the client. Turns "
+                                         "authentication on.", parse_optional_path,
+                                         shown="none")
+    tls_client_cert: str = setting("required", "JOBD_TLS_CLIENT_CERT", "With "
+                                   "JOBD_TLS_CLIENT_CA: `required` (no TLS handshake without a "
+                                   "valid certificate) or `optional` (clients without one use "
+                                   "a bearer token; /health needs neither).",
+                                   parse_choice("required", "optional"))
+    tls_admins: tuple = setting((), "JOBD_TLS_ADMINS", "Certificate CNs that get the admin "
+                                "role (comma list); other certificates are regular clients.",
+                                parse_list, shown="none")
+    max_url: int = setting(8 << 10, "JOBD_MAX_URL", "Longest request target (path and query) "
+                           "accepted (414 beyond).", parse_size, shown="8K")
+    max_header: int = setting(16 << 10, "JOBD_MAX_HEADER", "Largest request line plus headers "
+                              "accepted (431 beyond).", parse_size, shown="16K")
+    header_timeout: float = setting(30.0, "JOBD_HEADER_TIMEOUT", "Seconds a client gets to "
+                                    "send a request's line and headers (408 and disconnected "
+                                    "beyond).", parse_duration, shown="30s")
+    body_timeout: float = setting(60.0, "JOBD_BODY_TIMEOUT", "Longest wait for the next piece "
+                                  "of an upload body (408 beyond).", parse_duration,
+                                  shown="60s")
+    min_body_rate: int = setting(1 << 10, "JOBD_MIN_BODY_RATE", "Bytes per second an upload "
+                                 "must average once JOBD_BODY_TIMEOUT has passed (408 below; "
+                                 "0: no minimum).", parse_size, shown="1K")
     pass_env: tuple = setting(("LD_LIBRARY_PATH", "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV",
                                "CONDA_*", "R_LIBS*", "JAVA_HOME", "PERL5LIB", "OMP_NUM_THREADS"),
                               "JOBD_PASS_ENV", "Daemon environment variables passed to jobs "

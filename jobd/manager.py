@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from jobd import archive, artifacts, job, pack
+from jobd import archive, artifacts, auth, job, pack
+from jobd.auth import Client
 from jobd.config import Config
 from jobd.counter import NumericIds
 from jobd.files import DataDir, JobFiles, fsync_dir
@@ -159,9 +160,14 @@ class JobManager:
     def files(self, job_id: str) -> JobFiles:
         return self.data.job(job_id)
 
-    def get(self, job_id: str) -> dict[str, Any]:
+    def get(self, job_id: str, client: Client | None = None) -> dict[str, Any]:
+        """The record; NotFound for no such job and for a job `client` may not see.
+
+        Every protocol passes the caller (`auth.client_of(request)`), so one rule decides
+        everywhere (auth.allows); None is the daemon itself.
+        """
         record = self.store.get(job_id) if job.is_valid_id(job_id) else None
-        if record is None:
+        if record is None or (client is not None and not auth.allows(client, record)):
             raise NotFound(job_id)
         return record
 
@@ -171,11 +177,12 @@ class JobManager:
     async def create(self, job_id: str, upload: Path, *, protocol: str,
                      options: dict[str, Any] | None = None, priority: int = 0,
                      labels: dict[str, str] | None = None, executor: str = "local",
-                     owner: str | None = None) -> dict[str, Any]:
+                     owner: str | None = None, secret: str | None = None) -> dict[str, Any]:
         """Store a validated upload as a QUEUED job and wake the scheduler.
 
         `upload` is a file under DATAPATH/.incoming, already checked; it is moved into place
-        before the record is written, so a stored job always has its input.
+        before the record is written, so a stored job always has its input. `owner` is the
+        creating client's name; `secret` (validated) is kept as a salted hash only.
         """
         if self.config.locked and not (options or {}).get("spec"):
             raise Locked()
@@ -190,6 +197,8 @@ class JobManager:
             record = job.new_record(job_id, protocol=protocol, executor=executor,
                                     priority=priority, labels=labels, options=options,
                                     input_size=size, owner=owner)
+            if secret is not None:
+                record["secret_hash"] = auth.hash_secret(secret)
             record = self.store.add(record)
         finally:
             self._reserved.discard(job_id)
@@ -258,9 +267,10 @@ class JobManager:
     def _all_ids(self) -> list[str]:
         return [i for status in job.STATUSES for i in self.store.ids_with_status(status)]
 
-    async def cancel(self, job_id: str) -> tuple[dict[str, Any], bool]:
+    async def cancel(self, job_id: str, *, client: Client | None = None,
+                     ) -> tuple[dict[str, Any], bool]:
         """Cancel a job; idempotent. Returns the record and whether anything changed."""
-        record = self.get(job_id)
+        record = self.get(job_id, client)
         if job.is_terminal(record["status"]):
             return record, False
         if record["status"] == job.QUEUED and not self.scheduler.is_running(job_id):
@@ -294,9 +304,9 @@ class JobManager:
                     f"{record.get('slurm_id') or '(being submitted)'}")}, durable=True)
         return self.get(job_id), True
 
-    async def restart(self, job_id: str) -> dict[str, Any]:
+    async def restart(self, job_id: str, *, client: Client | None = None) -> dict[str, Any]:
         """Run a finished job again from its original input, in a fresh working directory."""
-        record = self.get(job_id)
+        record = self.get(job_id, client)
         if not job.is_terminal(record["status"]):
             raise Conflict(f"job is {record['status']}: only a finished job can be restarted")
         if job.is_invalid(record):
@@ -307,9 +317,9 @@ class JobManager:
         self.scheduler.submit(record)
         return record
 
-    async def delete(self, job_id: str) -> None:
+    async def delete(self, job_id: str, *, client: Client | None = None) -> None:
         """Delete a finished or queued job with its files."""
-        record = self.get(job_id)
+        record = self.get(job_id, client)
         if record["status"] in job.ACTIVE or self.scheduler.is_running(job_id):
             raise Conflict(f"job is {record['status']}: cancel it before deleting it")
         self.scheduler.discard(job_id)

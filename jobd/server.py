@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import ssl
 import sys
 import time
 from types import FrameType
@@ -12,7 +14,9 @@ import uvicorn
 
 from jobd import __version__
 from jobd.app import create_app, load_configured_specs
-from jobd.config import Config
+from jobd.auth import Authenticator
+from jobd.config import Config, ConfigError
+from jobd.connection import connection_class
 from jobd.spec import SpecError
 from jobd.store import JobStore, StoreError
 
@@ -67,6 +71,57 @@ class DaemonServer(uvicorn.Server):
             self._loop.call_soon_threadsafe(manager.begin_stop)
 
 
+class UvicornConfig(uvicorn.Config):
+    """uvicorn's configuration, with jobd's floor on the TLS version."""
+
+    def load(self) -> None:
+        super().load()
+        if self.ssl is not None:
+            self.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
+
+
+def client_cert_mode(config: Config) -> int:
+    if config.tls_client_ca is None:
+        return ssl.CERT_NONE
+    return ssl.CERT_REQUIRED if config.tls_client_cert == "required" else ssl.CERT_OPTIONAL
+
+
+def check_tls(config: Config) -> None:
+    """Refuse inconsistent TLS settings and unreadable files before anything listens."""
+    if config.tls_key is not None and config.tls_cert is None:
+        raise ConfigError("JOBD_TLS_KEY needs JOBD_TLS_CERT")
+    if config.tls_client_ca is not None and config.tls_cert is None:
+        raise ConfigError("JOBD_TLS_CLIENT_CA (mutual TLS) needs JOBD_TLS_CERT and "
+                          "JOBD_TLS_KEY")
+    if config.tls_admins and config.tls_client_ca is None:
+        raise ConfigError("JOBD_TLS_ADMINS needs JOBD_TLS_CLIENT_CA")
+    if config.tls_cert is None:
+        return
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"JOBD_TLS_CERT/JOBD_TLS_KEY: cannot load {config.tls_cert}"
+                          f"{' and ' + str(config.tls_key) if config.tls_key else ''}: "
+                          f"{exc}") from exc
+    if config.tls_client_ca is not None:
+        try:
+            context.load_verify_locations(config.tls_client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"JOBD_TLS_CLIENT_CA: cannot load {config.tls_client_ca}: "
+                              f"{exc}") from exc
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
 def serve(config: Config) -> int:
     """Run the daemon until SIGTERM or SIGINT; returns the exit code."""
     setup_logging("debug" if config.debug else config.log_level)
@@ -76,20 +131,34 @@ def serve(config: Config) -> int:
         log.error("%s", exc)
         return 2
     try:
+        check_tls(config)
+        authenticator = Authenticator.from_config(config)
         specs = load_configured_specs(config)
-    except SpecError as exc:
-        log.error("%s", exc)
+    except (ConfigError, SpecError) as exc:
         store.close()
+        log.error("%s", exc)
         return 2
     if config.locked and not specs:
         log.warning("locked-down mode with no job specs: this daemon can run nothing")
-    app = create_app(config, store=store, specs=specs, adopt_orphans=True)
-    server = DaemonServer(uvicorn.Config(
-        app, host=config.host, port=config.port, loop="asyncio", http="h11", ws="none",
+    app = create_app(config, store=store, specs=specs, adopt_orphans=True,
+                     authenticator=authenticator)
+    server = DaemonServer(UvicornConfig(
+        app, host=config.host, port=config.port, loop="asyncio",
+        http=connection_class(config.header_timeout), ws="none",
         lifespan="on", log_config=None, access_log=False, server_header=False,
         timeout_graceful_shutdown=int(HTTP_DRAIN), timeout_keep_alive=30,
+        h11_max_incomplete_event_size=config.max_header,
+        ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key,
+        ssl_ca_certs=config.tls_client_ca, ssl_cert_reqs=client_cert_mode(config),
+        ssl_ciphers="",  # Python's defaults, not uvicorn's "TLSv1"
     ), app.state)
-    log.info("jobd %s listening on %s:%d", __version__, config.host, config.port)
+    scheme = "https" if config.tls_cert is not None else "http"
+    log.info("jobd %s listening on %s://%s:%d, %s", __version__, scheme, config.host,
+             config.port, authenticator.describe())
+    if not authenticator.enabled and not is_loopback(config.host):
+        log.warning("authentication is off and jobd listens on %s: anyone who can reach port "
+                    "%d can run code here (set JOBD_TOKENS_FILE, JOBD_TOKEN_<NAME> or "
+                    "JOBD_TLS_CLIENT_CA; see SECURITY.md)", config.host, config.port)
     server.run()
     if not server.started:
         log.error("jobd could not start (see the messages above)")

@@ -22,7 +22,7 @@ import os
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tinydb.table import Document
 
@@ -273,12 +273,15 @@ class JobStore:
         labels: dict[str, str | None] | None = None,
         cursor: str | None = None,
         limit: int = 50,
+        where: Callable[[dict], bool] | None = None,
     ) -> tuple[list[dict], str | None]:
         """Newest first, filtered; returns (records, cursor of the next page or None).
 
         ``statuses``: keep these (None: all; empty: none). ``labels``: each key must be
-        present and, unless its value is None, equal. ``cursor``: from a previous call; it
-        stays valid when records are added or deleted. ValueError for a bad cursor or limit.
+        present and, unless its value is None, equal. ``where``: keep records it accepts
+        (what the caller may see: ``auth.visible_to(client)``). ``cursor``: from a previous
+        call; it stays valid when records are added or deleted. ValueError for a bad cursor
+        or limit.
         """
         if limit < 1:
             raise ValueError(f"limit must be at least 1, not {limit}")
@@ -301,6 +304,8 @@ class JobStore:
         for seq in heapq.merge(*newest_first, reverse=True):
             doc = docs[self._id_of[seq]]
             if labels and not _has_labels(doc, labels):
+                continue
+            if where is not None and not where(doc):
                 continue
             if len(found) == limit:  # one more match exists: there is a next page
                 return found, str(found[-1]["seq"])

@@ -75,3 +75,33 @@ def test_requeue_gives_up_after_max_attempts() -> None:
     record["attempt"] = 3
     gave_up = job.requeue_fields(record, 3, "crash")
     assert gave_up["status"] == job.FAILED and "3 times" in gave_up["message"]
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+                    lambda inner: st.lists(inner, max_size=4)
+                    | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+
+
+@given(JSON)
+def test_id_problem_takes_any_json_value(value: object) -> None:
+    """Whatever a client puts in `id`, the answer is a reason or None, never an exception."""
+    problem = job.id_problem(value)
+    assert problem is None or isinstance(problem, str)
+    if not isinstance(value, str):
+        assert problem is not None
+
+
+@given(st.from_regex(job.ID_PATTERN, fullmatch=True))
+def test_a_valid_id_is_one_url_segment_and_one_directory(job_id: str) -> None:
+    """Every route that takes `{id}` gets the id unchanged, and it names one directory."""
+    from pathlib import PurePosixPath
+    from urllib.parse import quote, unquote
+
+    assert job.is_valid_id(job_id)
+    assert quote(job_id, safe="") == job_id == unquote(job_id)
+    assert PurePosixPath("/data", job_id).parent == PurePosixPath("/data")
+    assert not job_id.startswith(".")  # never DATAPATH/.incoming or .trash
+
+
+def test_generated_ids_are_valid() -> None:
+    assert all(job.is_valid_id(job.new_id()) for _ in range(100))

@@ -1,0 +1,162 @@
+"""One HTTP connection: uvicorn's h11 protocol with what jobd needs on top.
+
+- **The client certificate.** uvicorn 0.39 does not fill the ASGI TLS extension
+  (`scope["extensions"]["tls"]`, https://asgi.readthedocs.io/en/latest/specs/tls.html): it
+  never looks at the peer certificate. This protocol reads it once per connection from the
+  transport (`get_extra_info("ssl_object").getpeercert()`, verified by the handshake against
+  JOBD_TLS_CLIENT_CA) and hands every request of the connection the extension, with
+  `client_cert_name` as an RFC 4514 string. `auth.py` reads only the standard extension, so
+  it works behind any ASGI server that fills it.
+- **A deadline for request heads** (JOBD_HEADER_TIMEOUT). uvicorn's keep-alive timeout only
+  runs between requests, so a client that opens connections and sends a head a byte at a time
+  (slowloris) would hold them forever; here a head must be complete in time, else 408 and
+  the connection is closed.
+- **Protocol errors in the error shape.** A malformed request or a head larger than
+  JOBD_MAX_HEADER (h11's buffer limit) gets the JSON error shape, 431 for the size, instead of
+  uvicorn's plain-text 400.
+
+It subclasses `uvicorn.protocols.http.h11_impl.H11Protocol` and relies on its attributes
+`app`, `conn`, `cycle`, `transport`, `loop` and `config` (uvicorn is pinned; the tests cover
+each of the three behaviours).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from jobd.errors import error_bytes
+
+log = logging.getLogger("jobd.http")
+
+# RFC 4514 short names of the attributes Python's getpeercert() spells out.
+_SHORT = {"commonName": "CN", "localityName": "L", "stateOrProvinceName": "ST",
+          "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
+          "streetAddress": "STREET", "domainComponent": "DC", "userId": "UID"}
+_TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
+
+
+def _escape(value: str) -> str:
+    """An attribute value escaped per RFC 4514 (plus `=`, harmless and simpler to parse)."""
+    out = []
+    for i, c in enumerate(value):
+        if c in ',+"\\<>;=' or (c in "# " and i == 0) or (c == " " and i == len(value) - 1):
+            out.append("\\" + c)
+        elif c == "\x00":
+            out.append("\\00")
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def rfc4514(subject: Any) -> str:
+    """getpeercert()'s subject (RDNs, most significant first) as an RFC 4514 string."""
+    rdns = []
+    for rdn in reversed(subject or ()):
+        rdns.append("+".join(f"{_SHORT.get(attr, attr)}={_escape(str(value))}"
+                             for attr, value in rdn))
+    return ",".join(rdns)
+
+
+def tls_extension(transport: asyncio.BaseTransport) -> dict[str, Any] | None:
+    """The ASGI TLS extension of a connection, or None for plain HTTP."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    verified = ssl_object.getpeercert()  # {} unless the handshake verified it
+    return {
+        "server_cert": None,
+        "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)] if der else [],
+        "client_cert_name": rfc4514(verified.get("subject")) if verified else None,
+        "client_cert_error": None,
+        "tls_version": _TLS_VERSIONS.get(ssl_object.version() or ""),
+        "cipher_suite": None,
+    }
+
+
+def _with_tls(app: Any, tls: dict[str, Any]) -> Any:
+    async def app_with_tls(scope: Any, receive: Any, send: Any) -> None:
+        scope.setdefault("extensions", {})["tls"] = dict(tls)
+        await app(scope, receive, send)
+    return app_with_tls
+
+
+class Connection(H11Protocol):
+    """uvicorn's h11 protocol plus the TLS extension, a head deadline and JSON errors."""
+
+    header_timeout: float = 30.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_timer: asyncio.TimerHandle | None = None
+        tls = tls_extension(transport)
+        if tls is not None:
+            self.app = _with_tls(self.app, tls)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        before = self.cycle
+        super().data_received(data)
+        if self.cycle is not before:  # a request head is complete
+            self._disarm()
+        elif before is None or before.response_complete:  # between requests: a head begins
+            self._arm()
+
+    def _arm(self) -> None:
+        if self._head_timer is None and self.header_timeout > 0 \
+                and not self.transport.is_closing():
+            self._head_timer = self.loop.call_later(self.header_timeout, self._head_timeout)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            return  # a request is being served: its body has its own limits
+        pending = self.conn.trailing_data[0]
+        if pending:
+            client = self.client[0] if self.client else "-"
+            log.info("%s: no complete request head within %gs, closing", client,
+                     self.header_timeout)
+            body = error_bytes(408, f"the request head did not arrive within "
+                                    f"{self.header_timeout:g}s")
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\n"
+                                 b"content-type: application/json\r\n"
+                                 b"content-length: %d\r\nconnection: close\r\n\r\n"
+                                 % len(body) + body)
+        self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """A protocol error (uvicorn calls this): the JSON shape, 431 for an oversize head."""
+        limit = self.config.h11_max_incomplete_event_size
+        if limit is not None and len(self.conn.trailing_data[0]) > limit:
+            status, text = 431, f"request line and headers are larger than {limit} bytes"
+        else:
+            status, text = 400, "invalid HTTP request"
+        body = error_bytes(status, text)
+        headers = [(b"content-type", b"application/json"),
+                   (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
+        for event in (h11.Response(status_code=status, headers=headers),
+                      h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event) or b"")
+        self.transport.close()
+
+
+def connection_class(header_timeout: float) -> type[Connection]:
+    """The protocol class uvicorn is given (`http=`), with jobd's head deadline."""
+    return type("JobdConnection", (Connection,), {"header_timeout": header_timeout})

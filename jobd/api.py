@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from jobd import archive, artifacts, download, job, logs, multipart, pack
+from jobd import archive, artifacts, auth, download, job, logs, multipart, pack
 from jobd.classic import BodyTooLarge, receive_upload
 from jobd.manager import Conflict, JobManager, Locked, NotFound
 from jobd.options import (
@@ -105,12 +105,13 @@ def _manager(request: Request) -> JobManager:
 
 def _record(request: Request) -> dict[str, Any]:
     try:
-        return _manager(request).get(request.path_params["id"])
+        return _manager(request).get(request.path_params["id"], auth.client_of(request))
     except NotFound:
         raise ApiError(404, "job not found") from None
 
 
 def _check_query(request: Request, allowed: tuple[str, ...]) -> None:
+    allowed = (*allowed, auth.SECRET_QUERY)  # a per-job secret may come with any request
     unknown = sorted(set(request.query_params) - set(allowed))
     if unknown:
         allowed_text = ", ".join(allowed) if allowed else "none"
@@ -195,7 +196,7 @@ async def create_multipart(request: Request) -> Response:
                                     fsync=config.fsync)
         except archive.ArchiveError as exc:
             return problem(400, str(exc))
-        return await _store_job(manager, asked, input_zip)
+        return await _store_job(manager, asked, input_zip, auth.client_of(request))
     finally:
         await asyncio.to_thread(_remove_paths, form_dir, input_zip)
 
@@ -230,13 +231,14 @@ async def create_json(request: Request) -> Response:
         if not scanner.found_input or scanner.input_size == 0:
             return problem(400, "input is required: the base64 of a zip holding the entry "
                                 f"point ({asked.entry})")
-        return await _store_job(manager, asked, incoming)
+        return await _store_job(manager, asked, incoming, auth.client_of(request))
     finally:
         if incoming.exists():
             incoming.unlink()
 
 
-async def _store_job(manager: JobManager, asked: JobRequest, upload: Path) -> Response:
+async def _store_job(manager: JobManager, asked: JobRequest, upload: Path,
+                     client: auth.Client) -> Response:
     """Check the archive holds the entry point, then store the job (shared by both forms)."""
     job_id = asked.job_id or job.new_id()
     if manager.exists(job_id):
@@ -248,7 +250,8 @@ async def _store_job(manager: JobManager, asked: JobRequest, upload: Path) -> Re
     try:
         record = await manager.create(job_id, upload, protocol="native", options=asked.options(),
                                       priority=asked.priority, labels=asked.labels,
-                                      executor=asked.executor)
+                                      executor=asked.executor, owner=client.name,
+                                      secret=asked.secret)
     except JobExists:
         return problem(409, f"job {job_id} already exists")
     except Locked as exc:
@@ -282,7 +285,8 @@ async def list_jobs(request: Request) -> Response:
     cursor = request.query_params.get("cursor") or None
     try:
         records, next_cursor = _manager(request).store.page(
-            statuses=statuses, labels=labels or None, cursor=cursor, limit=limit)
+            statuses=statuses, labels=labels or None, cursor=cursor, limit=limit,
+            where=auth.visible_to(auth.client_of(request)))
     except ValueError:
         raise ApiError(400, f"invalid cursor {cursor!r}: use next_cursor of a listing") from None
     now = time.time()
@@ -302,7 +306,7 @@ async def delete_job(request: Request) -> Response:
     """DELETE /api/v1/jobs/{id}: 204; 409 while it runs."""
     _check_query(request, ())
     try:
-        await _manager(request).delete(request.path_params["id"])
+        await _manager(request).delete(request.path_params["id"], client=auth.client_of(request))
     except NotFound:
         raise ApiError(404, "job not found") from None
     except Conflict as exc:
@@ -315,7 +319,8 @@ async def cancel_job(request: Request) -> Response:
     """POST /api/v1/jobs/{id}/cancel: idempotent."""
     _check_query(request, ())
     try:
-        record, changed = await _manager(request).cancel(request.path_params["id"])
+        record, changed = await _manager(request).cancel(request.path_params["id"],
+                                                         client=auth.client_of(request))
     except NotFound:
         raise ApiError(404, "job not found") from None
     if changed:
@@ -330,7 +335,8 @@ async def restart_job(request: Request) -> Response:
     """POST /api/v1/jobs/{id}/restart: a finished job runs again from its input."""
     _check_query(request, ())
     try:
-        record = await _manager(request).restart(request.path_params["id"])
+        record = await _manager(request).restart(request.path_params["id"],
+                                                 client=auth.client_of(request))
     except NotFound:
         raise ApiError(404, "job not found") from None
     except Conflict as exc:
@@ -517,7 +523,7 @@ async def overview(request: Request) -> Response:
 
 # -- specs and artifacts ------------------------------------------------------------------------
 
-SPEC_FIELDS = ("id", "input", "params", "labels", "priority", "timeout")
+SPEC_FIELDS = ("id", "input", "params", "labels", "priority", "timeout", "secret")
 
 
 def _spec(request: Request) -> Spec:
@@ -602,7 +608,8 @@ async def create_from_spec(request: Request) -> Response:
             record = await manager.create(
                 job_id, incoming, protocol="native", options=options,
                 priority=asked.priority if "priority" in fields else spec.priority,
-                labels=asked.labels, executor=spec.executor)
+                labels=asked.labels, executor=spec.executor,
+                owner=auth.client_of(request).name, secret=asked.secret)
         except JobExists:
             return problem(409, f"job {job_id} already exists")
         return JSONResponse(job_view(record), 201, headers={"Location": f"{PREFIX}/jobs/{job_id}"})
@@ -621,7 +628,7 @@ async def _build_zip(function: Callable[..., Any], *args: Any, **kwargs: Any) ->
 def _spec_form_fields(texts: dict[str, str]) -> dict[str, Any]:
     """Form fields: id, labels, priority, timeout and params (JSON) as in a JSON body; any
     other text field is the value of the parameter of that name."""
-    options = {"id", "labels", "priority", "timeout"}  # files come as parts, not `input`
+    options = {"id", "labels", "priority", "timeout", "secret"}  # files: parts, not `input`
     fields = from_form({k: v for k, v in texts.items() if k.lower() in options})
     params: dict[str, Any] = {}
     if "params" in {k.lower() for k in texts}:

@@ -232,7 +232,8 @@ class JobManager:
             fsync_dir(self.data.root)
 
     async def create_invalid(self, job_id: str, reason: str, *, protocol: str,
-                             options: dict[str, Any] | None = None) -> dict[str, Any]:
+                             options: dict[str, Any] | None = None,
+                             owner: str | None = None) -> dict[str, Any]:
         """Record a submission refused for its content as a FAILED job marked invalid.
 
         For protocols that must answer a refused submission with a job id anyway (the
@@ -242,7 +243,7 @@ class JobManager:
         if self.exists(job_id):
             raise JobExists(job_id)
         now = time.time()
-        record = job.new_record(job_id, protocol=protocol, now=now,
+        record = job.new_record(job_id, protocol=protocol, now=now, owner=owner,
                                 options={**(options or {}), job.INVALID: True})
         record.update(status=job.FAILED, message=reason, finished=now)
         record = self.store.add(record)

@@ -43,7 +43,7 @@ from urllib.parse import unquote
 
 from starlette.requests import ClientDisconnect, Request
 
-from jobd import archive, pack
+from jobd import archive, limits, pack
 
 __all__ = [
     "BodyTooLarge",
@@ -527,7 +527,7 @@ async def receive_form(request: Request, dest_dir: Path, *,
     Path(dest_dir).mkdir(parents=True, exist_ok=True)
     reader = FormReader(boundary, dest_dir, max_parts=max_parts, max_field_size=max_field_size)
     try:
-        async for chunk in _body(request):
+        async for chunk in _body(request, max_body):
             if reader.form.size + len(chunk) > max_body:
                 raise BodyTooLarge(f"request body is larger than {max_body} bytes")
             reader.feed(chunk)
@@ -536,11 +536,12 @@ async def receive_form(request: Request, dest_dir: Path, *,
         reader.close()
 
 
-async def _body(request: Request) -> AsyncIterator[bytes]:
+async def _body(request: Request, max_body: int) -> AsyncIterator[bytes]:
     try:
-        async for chunk in request.stream():
-            if chunk:
-                yield chunk
+        async for chunk in limits.body(request, max_body):  # size and pace (limits.py)
+            yield chunk
+    except limits.BodyTooLarge as exc:
+        raise BodyTooLarge(str(exc)) from None
     except ClientDisconnect:
         raise MultipartError("the client disconnected before the body ended") from None
 

@@ -14,12 +14,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from jobd import job
+from jobd import auth, job
 from jobd.config import parse_duration
 
 #: Every field a create request may carry; anything else is refused, not ignored.
 FIELDS = ("id", "input", "entry", "args", "params", "timeout", "priority", "labels", "function",
-          "executor")
+          "executor", "secret")
 DEFAULT_ENTRY = "run.sh"
 EXECUTORS = ("local",)
 
@@ -59,6 +59,7 @@ class JobRequest:
     labels: dict[str, str] = field(default_factory=dict)
     function: Optional[str] = None
     executor: str = "local"
+    secret: Optional[str] = None
 
     def options(self) -> dict[str, Any]:
         """What the job record keeps under `options` (what the runner reads)."""
@@ -82,6 +83,9 @@ def parse_request(fields: dict[str, Any], *, executors: tuple[str, ...] = EXECUT
     request.priority = _priority(fields.get("priority"))
     request.labels = _labels(fields.get("labels"))
     request.executor = _executor(fields.get("executor"), executors)
+    request.secret = fields.get("secret")
+    if request.secret is not None and auth.secret_problem(request.secret):
+        raise OptionError(auth.secret_problem(request.secret))
     request.entry, request.function = _entry_and_function(fields.get("entry"),
                                                           fields.get("function"))
     return request

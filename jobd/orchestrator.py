@@ -41,7 +41,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from jobd import __version__, archive, job, multipart, pack
+from jobd import __version__, archive, auth, job, multipart, pack
 from jobd.cpu import CpuLoad
 from jobd.manager import JobManager, Locked, NotFound
 
@@ -94,9 +94,9 @@ def _lookup(request: Request) -> tuple[str, dict[str, Any] | None] | Response:
     if job_id is None:
         return error(404, "not_found", "payload not found")
     try:
-        return job_id, manager.get(job_id)
+        return job_id, manager.get(job_id, auth.client_of(request))
     except NotFound:
-        if manager.numeric_id_issued(job_id):
+        if manager.numeric_id_issued(job_id) and not manager.exists(job_id):
             return job_id, None
         return error(404, "not_found", "payload not found")
 
@@ -156,9 +156,11 @@ async def submit(request: Request) -> Response:
                 invalid = str(exc)
         job_id = manager.new_numeric_id()
         if invalid is not None:
-            record = await manager.create_invalid(job_id, invalid, protocol="orchestrator")
+            record = await manager.create_invalid(job_id, invalid, protocol="orchestrator",
+                                                  owner=auth.client_of(request).name)
         else:
-            record = await manager.create(job_id, input_zip, protocol="orchestrator")
+            record = await manager.create(job_id, input_zip, protocol="orchestrator",
+                                          owner=auth.client_of(request).name)
         return JSONResponse(payload(manager, job_id, payload_status(record)))
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -226,7 +228,8 @@ async def kill(request: Request) -> Response:
         return error(404, "not_found", "payload was cleaned")
     wait = manager.config.kill_grace + _KILL_MARGIN
     try:
-        record, _ = await asyncio.wait_for(asyncio.shield(manager.cancel(job_id)), wait)
+        cancel = manager.cancel(job_id, client=auth.client_of(request))
+        record, _ = await asyncio.wait_for(asyncio.shield(cancel), wait)
     except NotFound:
         return Response(status_code=200)  # deleted meanwhile: nothing left to kill
     except asyncio.TimeoutError:

@@ -133,6 +133,7 @@ JOB_ROUTES = [
     JobRoute("GET", "/api/v1/jobs/{id}/files", {200, 409}),
     JobRoute("GET", "/api/v1/jobs/{id}/files/{path:path}"),
     JobRoute("GET", "/api/v1/jobs/{id}/archive", {200, 409}),
+    JobRoute("GET", "/api/v1/jobs/{id}/artifacts", {200}),
     # orchestrator protocol (wire-compat.md section 2)
     JobRoute("GET", "/retrieve/{id}", {200}, numeric=True),
     JobRoute("GET", "/retrieve_partial/{id}", {200}, numeric=True),
@@ -146,7 +147,8 @@ CREATE_ROUTES = [
 # Routes that need no job: every one but /health needs credentials when authentication is on.
 OPEN_ROUTES = {"/health"}
 OTHER_ROUTES = {"/", "/load", "/api/v1/jobs", "/api/v1/overview", "/metrics", "/openapi.json",
-                "/docs"}
+                "/docs", "/api/v1/specs", "/api/v1/specs/{name}",
+                "/api/v1/specs/{name}/jobs"}  # spec jobs get their owner as any create does
 
 
 def present(route: Any) -> Any:

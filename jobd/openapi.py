@@ -881,7 +881,13 @@ def document() -> dict[str, Any]:
             "/openapi.json": {"get": OPENAPI},
             "/docs": {"get": DOCS},
         },
-        "components": {"schemas": SCHEMAS},
+        "components": {"schemas": SCHEMAS, "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer", "description":
+                       "When authentication is on (JOBD_TOKENS_FILE, JOBD_TOKEN_<NAME>), every "
+                       "route but /health needs a token: 401 without. Another client's job "
+                       "answers 404. Anonymous callers may pass a per-job secret in "
+                       "`X-Job-Secret` or `?secret=`."}}},
+        "security": [{}, {"bearer": []}],
     }
 
 

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jobd import classic
 from jobd.config import Config
-from jobd.manager import JobManager
+from jobd.manager import JobManager, Rejected
 from jobd.reaper import Reaper
 from jobd.store import JobStore
 
@@ -34,6 +34,13 @@ async def http_error(request: Request, exc: Exception) -> Response:
     kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
     return JSONResponse({"error": kind, "message": str(exc.detail).lower(),
                          "status": exc.status_code}, exc.status_code, headers=exc.headers)
+
+
+async def rejected(request: Request, exc: Exception) -> Response:
+    """A refused job (queue full, disk full, bad options) that a protocol did not map itself."""
+    assert isinstance(exc, Rejected)
+    return JSONResponse({"error": exc.code, "message": exc.message, "status": exc.status},
+                        exc.status, headers=exc.headers)
 
 
 class RequestLog:
@@ -94,7 +101,7 @@ def create_app(config: Config, *, store: JobStore | None = None,
         *classic.routes,
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: http_error})
+                    exception_handlers={HTTPException: http_error, Rejected: rejected})
     if config.access_log:
         app.add_middleware(RequestLog)
     return app

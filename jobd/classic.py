@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from jobd import archive, job, pack
-from jobd.manager import JobManager, NotFound
+from jobd.manager import InvalidOptions, JobManager, NotFound, Rejected
 from jobd.store import JobExists
 from jobd.upload import ClassicBodyScanner, UploadError
 
@@ -40,6 +40,33 @@ def error(status: int, kind: str, message: str) -> JSONResponse:
 
 def bad_request(message: str) -> JSONResponse:
     return error(400, "bad_request", message)
+
+
+def rejected(exc: Rejected) -> JSONResponse:
+    """Queue full (429 + Retry-After), disk full (507), a bad option (400)."""
+    if isinstance(exc, InvalidOptions):
+        return bad_request(f"error validating job {exc.message}")
+    response = error(exc.status, exc.code, exc.message)
+    response.headers.update(exc.headers)
+    return response
+
+
+def extra_options(fields: dict[str, Any]) -> tuple[int, dict[str, str], dict[str, Any]] | str:
+    """The optional keys jobd adds to the classic upload (the Go jobd ignores unknown keys):
+    `priority` (integer, higher first), `timeout` (seconds or "5m"), `labels` (object of
+    strings), `limits` (object, see limits.py). (priority, labels, options), or the problem."""
+    priority = fields.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        return "priority must be an integer"
+    labels = fields.get("labels") or {}
+    if not isinstance(labels, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        return "labels must be an object of strings"
+    options: dict[str, Any] = {}
+    for key in ("timeout", "limits"):
+        if fields.get(key) is not None:
+            options[key] = fields[key]
+    return priority, labels, options
 
 
 def rfc3339(timestamp: float) -> str:
@@ -117,6 +144,11 @@ async def receive_upload(request: Request, dest: Path, max_body: int,
 async def upload(request: Request) -> Response:
     manager: JobManager = request.app.state.manager
     config = manager.config
+    declared = request.headers.get("content-length", "")
+    try:  # before reading the body: a full queue or disk answers at once
+        manager.admit(int(declared) * 3 // 4 if declared.isdigit() else 0)
+    except Rejected as exc:
+        return rejected(exc)
     incoming = manager.data.new_incoming()
     try:
         try:
@@ -139,6 +171,10 @@ async def upload(request: Request) -> Response:
         slurml = fields.get("slurml", False)
         if not isinstance(slurml, bool):
             return bad_request("error validating job slurml must be true or false")
+        extra = extra_options(fields)
+        if isinstance(extra, str):
+            return bad_request(f"error validating job {extra}")
+        priority, labels, options = extra
         if not scanner.found_input or scanner.input_size == 0:
             return bad_request("error validating job input is required")
         try:
@@ -147,9 +183,12 @@ async def upload(request: Request) -> Response:
             return bad_request(f"error validating job {exc}")
         try:
             record = await manager.create(job_id, incoming, protocol="classic",
-                                          options={"slurml": slurml})
+                                          options={"slurml": slurml, **options},
+                                          priority=priority, labels=labels)
         except JobExists:
             return bad_request("job already exists")
+        except Rejected as exc:
+            return rejected(exc)
         return JSONResponse(classic_record(record), 201)
     finally:
         if incoming.exists():

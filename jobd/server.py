@@ -12,8 +12,9 @@ import uvicorn
 
 from jobd import __version__
 from jobd.app import create_app
-from jobd.config import Config
+from jobd.config import Config, ConfigError
 from jobd.store import JobStore, StoreError
+from jobd.users import UserPolicy
 
 log = logging.getLogger("jobd")
 
@@ -69,6 +70,11 @@ class DaemonServer(uvicorn.Server):
 def serve(config: Config) -> int:
     """Run the daemon until SIGTERM or SIGINT; returns the exit code."""
     setup_logging("debug" if config.debug else config.log_level)
+    try:
+        UserPolicy.from_config(config).check_datapath(config.datapath)
+    except ConfigError as exc:
+        log.error("refusing to start: %s", exc)
+        return 2
     try:
         store = JobStore(config.db_path, fsync=config.fsync)
     except StoreError as exc:

@@ -18,6 +18,8 @@ from typing import Any, Callable
 import httpx
 import pytest
 
+from jobd.cgroup import own_cgroup, tree_name
+
 ROOT = Path(__file__).resolve().parent.parent
 ZIPAPP = ROOT / "dist" / "jobd"
 
@@ -107,7 +109,10 @@ class Daemon:
             "SHIV_ROOT": str(workdir.parent / "shiv"),
             "PORT": str(self.port), "JOBD_HOST": "127.0.0.1",
             "DATAPATH": str(self.datapath), "DB_PATH": str(self.db_path),
-            "JOBD_SLOTS": "2", **env,
+            "JOBD_SLOTS": "2",
+            # Test jobs write into the test's tmp_path, which only root may enter: as root,
+            # run them as root. tests/test_exec.py covers the default (one uid per job).
+            "JOBD_ALLOW_ROOT": "true", **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None
         self.client = httpx.Client(base_url=self.url, timeout=30)
@@ -168,6 +173,32 @@ def daemon_factory(zipapp: Path, tmp_path: Path) -> Iterator[Callable[..., Daemo
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.stop(signal.SIGKILL)
         daemon.client.close()
+        remove_cgroups(daemon.datapath)
+
+
+def remove_cgroups(datapath: Path) -> None:
+    """Kill and remove the cgroups a daemon killed with SIGKILL left behind (the host's cgroup
+    tree outlives the test)."""
+    own = own_cgroup()
+    tree = own / tree_name(datapath) if own is not None else None
+    if tree is None or not tree.is_dir():
+        return
+    for group in [*tree.glob("job-*"), tree]:
+        if (group / "cgroup.kill").exists():
+            (group / "cgroup.kill").write_text("1")
+        wait_until(lambda g=group: "populated 0" in (g / "cgroup.events").read_text(), 10,
+                   what=f"{group} to empty")
+        wait_until(lambda g=group: _rmdir(g), 10, what=f"{group} to go")
+
+
+def _rmdir(path: Path) -> bool:
+    try:
+        path.rmdir()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 @pytest.fixture

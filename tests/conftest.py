@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
@@ -213,4 +214,46 @@ def result_files(response: httpx.Response) -> dict[str, bytes]:
         return {i.filename: archive.read(i) for i in archive.infolist() if not i.is_dir()}
 
 
+# -- execution control (test_exec, test_pid1, test_torture) ------------------------------
 
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory every uid may enter, with a world-writable `shared/` for job reports.
+
+    Not pytest's tmp_path: that lies under /tmp/pytest-of-root, which pytest resets to 0700
+    whenever a session starts, so jobs running as other uids could not reach it.
+    """
+    path = Path(tempfile.mkdtemp(prefix="jobd-exec-"))
+    path.chmod(0o711)
+    shared = path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    events = shared / "events"
+    events.touch()
+    events.chmod(0o666)
+    yield path
+    shutil.rmtree(path)
+
+
+def report(shared: Path, what: str) -> str:
+    """Shell that appends `what job pid time uid` to shared/events."""
+    return (f'echo "{what} $JOBD_JOB_ID $$ $(date +%s.%N) $(id -u)" >> {shared}/events\n')
+
+
+def read_events(shared: Path) -> list[tuple[str, str, int, float, int]]:
+    """(kind, job id, pid, time, uid) of each line `report` wrote."""
+    out = []
+    for line in (shared / "events").read_text().splitlines():
+        kind, job_id, pid, when, uid = line.split()
+        out.append((kind, job_id, int(pid), float(when), int(uid)))
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Does `pid` exist and is it not a zombie?"""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != b"Z"

@@ -7,13 +7,10 @@ import asyncio
 import concurrent.futures
 import json
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,47 +22,15 @@ from jobd.limits import LimitError, Limits
 from jobd.manager import JobManager
 from jobd.reaper import Reaper
 from jobd.store import JobStore
-from tests.conftest import Daemon, make_zip, result_files, wait_until
+from tests.conftest import Daemon, alive, make_zip, read_events, report, result_files, wait_until
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (user switching, cgroups)")
 
 
-@pytest.fixture
-def open_dir() -> Iterator[Path]:
-    """A directory every uid may enter, with a world-writable `shared/` for job reports.
-
-    Not pytest's tmp_path: that lies under /tmp/pytest-of-root, which pytest resets to 0700
-    whenever a session starts, so jobs running as other uids could not reach it.
-    """
-    path = Path(tempfile.mkdtemp(prefix="jobd-exec-"))
-    path.chmod(0o711)
-    shared = path / "shared"
-    shared.mkdir()
-    shared.chmod(0o1777)
-    events = shared / "events"
-    events.touch()
-    events.chmod(0o666)
-    yield path
-    shutil.rmtree(path)
-
-
 def start(factory: Callable[..., Daemon], where: Path, **env: str) -> Daemon:
     """A daemon with jobd's default user policy (one uid per job when root)."""
     return factory(workdir=where, JOBD_ALLOW_ROOT="false", **env)
-
-
-def report(shared: Path, what: str) -> str:
-    """Shell that appends `what job pid time uid` to shared/events."""
-    return (f'echo "{what} $JOBD_JOB_ID $$ $(date +%s.%N) $(id -u)" >> {shared}/events\n')
-
-
-def read_events(shared: Path) -> list[tuple[str, str, int, float, int]]:
-    out = []
-    for line in (shared / "events").read_text().splitlines():
-        kind, job_id, pid, when, uid = line.split()
-        out.append((kind, job_id, int(pid), float(when), int(uid)))
-    return out
 
 
 def most_at_once(events: list[tuple[str, str, int, float, int]]) -> int:
@@ -76,14 +41,6 @@ def most_at_once(events: list[tuple[str, str, int, float, int]]) -> int:
         running += 1 if is_start else -1
         peak = max(peak, running)
     return peak
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state != b"Z"
 
 
 def cgroups_active(daemon: Daemon) -> bool:
@@ -262,10 +219,14 @@ def test_memory_hog_is_stopped_by_its_limit(daemon_factory, open_dir: Path) -> N
     assert lowered["Status"] == "FAILED" and "memory limit 30M" in lowered["Message"]
 
 
-def test_rlimits_reach_the_job(daemon_factory, open_dir: Path) -> None:
-    daemon = start(daemon_factory, open_dir / "d", JOBD_LIMIT_NOFILE="256",
-                   JOBD_LIMIT_NPROC="500", JOBD_LIMIT_FSIZE="1M", JOBD_LIMIT_MEMORY="1G",
-                   JOBD_LIMIT_CPU_TIME="1h")
+@pytest.mark.parametrize("allow_root", ["false", "true"])
+def test_rlimits_reach_the_job(daemon_factory, open_dir: Path, allow_root: str) -> None:
+    """Both ways in: `prlimit` from jobd at the start gate (same uid), and setrlimit in the
+    child (another uid, without CAP_SYS_RESOURCE as in Docker)."""
+    daemon = daemon_factory(workdir=open_dir / "d", JOBD_ALLOW_ROOT=allow_root,
+                            JOBD_LIMIT_NOFILE="256", JOBD_LIMIT_NPROC="500",
+                            JOBD_LIMIT_FSIZE="1M", JOBD_LIMIT_MEMORY="1G",
+                            JOBD_LIMIT_CPU_TIME="1h")
     assert daemon.upload("limits", {"run.sh": "cat /proc/self/limits > limits.txt\n"},
                          limits={"nofile": 128}).status_code == 201
     response = daemon.wait_done("limits")
@@ -399,6 +360,44 @@ def test_jobs_run_as_the_configured_user(daemon_factory, open_dir: Path, run_as:
     assert int(files["uid"]) == uid and int(files["gid"]) == gid
 
 
+class NobodyDaemon(Daemon):
+    """The zipapp started as an unprivileged user (as `docker run --user`)."""
+
+    def start(self, timeout: float = 60.0) -> NobodyDaemon:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the process
+        self.proc = subprocess.Popen([str(self.zipapp)], env=self.env, cwd=self.workdir,
+                                     stdout=self._log, stderr=subprocess.STDOUT,
+                                     user=65534, group=65534, extra_groups=[])
+        wait_until(self._healthy, timeout, 0.05, "the daemon to answer /health")
+        return self
+
+
+@needs_root
+def test_unprivileged_jobd_runs_jobs_as_itself_with_limits(zipapp: Path, open_dir: Path) -> None:
+    where = open_dir / "nobody"
+    where.mkdir()
+    os.chown(where, 65534, 65534)
+    daemon = NobodyDaemon(zipapp, where, SHIV_ROOT=str(where / "shiv"), JOBD_ALLOW_ROOT="false",
+                          JOBD_LIMIT_NOFILE="64", JOBD_LIMIT_MEMORY="200M")
+    try:
+        daemon.start()
+        script = "id -u > uid\ncat /proc/self/limits > limits.txt\n"
+        assert daemon.upload("plain", {"run.sh": script}).status_code == 201
+        response = daemon.wait_done("plain")
+        assert response.json()["Status"] == "SUCCESS", response.json()["Message"]
+        files = result_files(response)
+        assert files["uid"] == b"65534\n"
+        limits = files["limits.txt"].decode()
+        assert "Max open files            64                   64" in limits
+        assert "jobs run as jobd's own user (uid 65534): jobd is not root" in daemon.log()
+        assert "setrlimit only" in daemon.log()  # the host's cgroup is root's: not delegated
+        assert daemon.stop() == 0
+    finally:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.stop(signal.SIGKILL)
+        daemon.client.close()
+
+
 @needs_root
 def test_root_jobs_need_an_explicit_yes(zipapp: Path, open_dir: Path) -> None:
     env = {"PATH": os.environ["PATH"], "DATAPATH": str(open_dir / "data"),
@@ -433,8 +432,12 @@ def test_environment_is_exactly_the_documented_set(daemon_factory, open_dir: Pat
     response = daemon.wait_done("env")
     env = json.loads(result_files(response)["env.json"])
     root = str((daemon.datapath / "env").resolve())
+    assert daemon.proc is not None  # PATH as the daemon has it (a pyenv shim may prepend)
+    daemon_env = dict(item.split("=", 1) for item in Path(
+        f"/proc/{daemon.proc.pid}/environ").read_text().split("\0") if item)
+    assert "SECRET_TOKEN" in daemon_env and "DATAPATH" in daemon_env
     assert env == {
-        "PATH": os.environ["PATH"], "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "TZ": "UTC",
+        "PATH": daemon_env["PATH"], "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "TZ": "UTC",
         "OMP_NUM_THREADS": "4", "CONDA_PREFIX": "/opt/conda", "JOBD_JOB_ID": "env",
         "JOBD_WORKDIR": f"{root}/work", "HOME": f"{root}/home", "TMPDIR": f"{root}/tmp",
     }

@@ -294,7 +294,7 @@ class CgroupTree:
                 log.warning("could not remove cgroup %s: %s", self.path, exc)
 
 
-def _enable_controllers(own: Path) -> None:
+def _enable_controllers(own: Path, wanted: tuple[str, ...] = WANTED) -> None:
     """Let `own`'s children use the wanted controllers it has, moving jobd to a leaf if needed.
 
     "No internal processes": a non-root cgroup that holds processes cannot hand controllers
@@ -304,7 +304,7 @@ def _enable_controllers(own: Path) -> None:
     """
     available = set(_read(own / "cgroup.controllers").split())
     enabled = set(_read(own / "cgroup.subtree_control").split())
-    missing = [c for c in WANTED if c in available and c not in enabled]
+    missing = [c for c in wanted if c in available and c not in enabled]
     if not missing:
         return
     text = " ".join("+" + c for c in missing)

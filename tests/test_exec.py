@@ -16,13 +16,22 @@ from typing import Any, Callable
 
 import pytest
 
-from jobd.cgroup import CgroupTree, JobCgroup, own_cgroup, tree_name
+from jobd.cgroup import CgroupTree, JobCgroup, block_device, own_cgroup, tree_name
 from jobd.config import Config
 from jobd.limits import LimitError, Limits
 from jobd.manager import JobManager
 from jobd.reaper import Reaper
 from jobd.store import JobStore
-from tests.conftest import Daemon, alive, make_zip, read_events, report, result_files, wait_until
+from tests.conftest import (
+    Daemon,
+    alive,
+    make_zip,
+    python39,
+    read_events,
+    report,
+    result_files,
+    wait_until,
+)
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (user switching, cgroups)")
@@ -278,6 +287,42 @@ def test_cgroup_settings_written_for_each_controller(tmp_path: Path) -> None:
                         "memory.oom.group": "1", "cpu.max": "150000 100000",
                         "pids.max": "50", "io.max": "8:0 rbps=1048576 wbps=1048576"}
     assert dict(CgroupTree(tmp_path, frozenset(), True, None)._settings(Limits(memory=1))) == {}
+
+
+def test_oom_kill_count_makes_a_definite_message(tmp_path: Path) -> None:
+    """What a cgroup's memory.events says (this host has no v2 memory controller to fill it)."""
+    (tmp_path / "memory.events").write_text("low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\n"
+                                            "oom_group_kill 1\n")
+    kills = JobCgroup(tmp_path, has_kill=True).oom_kills()
+    assert kills == 1
+    assert Limits(memory=64 << 20).reason(None, signal.SIGKILL, kills, tmp_path / "log") == \
+        "out of memory: the kernel killed 1 process(es) of the job at its memory limit 64M"
+    assert JobCgroup(tmp_path / "none", has_kill=True).oom_kills() == 0
+    # Without a count, SIGKILL alone proves nothing: no memory claim.
+    assert Limits(memory=64 << 20).reason(None, signal.SIGKILL, 0, tmp_path / "log") is None
+
+
+def test_io_limit_finds_the_whole_disk_of_datapath(tmp_path: Path) -> None:
+    device = block_device(tmp_path)
+    if device is None:
+        pytest.skip("DATAPATH's filesystem has no block device here (overlay, tmpfs)")
+    assert Path(f"/sys/dev/block/{device}").exists()
+    assert not Path(f"/sys/dev/block/{device}/partition").exists()
+
+
+@pytest.mark.skipif(python39() is None, reason="no CPython 3.9 on this machine")
+def test_users_limits_and_cgroups_on_python_3_9(daemon_factory, open_dir: Path) -> None:
+    daemon = daemon_factory(interpreter=python39(), workdir=open_dir / "d39",
+                            JOBD_ALLOW_ROOT="false", JOBD_LIMIT_NOFILE="100",
+                            JOBD_MAX_QUEUE="100")
+    script = "id -u > uid\ncat /proc/self/limits > limits.txt\n"
+    assert daemon.upload("py39", {"run.sh": script}, priority=1, timeout="1m").status_code == 201
+    response = daemon.wait_done("py39")
+    assert response.json()["Status"] == "SUCCESS", response.json()["Message"]
+    files = result_files(response)
+    if IS_ROOT:
+        assert 20000 <= int(files["uid"]) <= 29999
+    assert "Max open files            100                  100" in files["limits.txt"].decode()
 
 
 @needs_root

@@ -174,6 +174,7 @@ def daemon_factory(zipapp: Path, tmp_path: Path) -> Iterator[Callable[..., Daemo
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.stop(signal.SIGKILL)
         daemon.client.close()
+    for daemon in started:  # once all are dead: daemons may share a DATAPATH
         remove_cgroups(daemon.datapath)
 
 
@@ -185,11 +186,19 @@ def remove_cgroups(datapath: Path) -> None:
     if tree is None or not tree.is_dir():
         return
     for group in [*tree.glob("job-*"), tree]:
-        if (group / "cgroup.kill").exists():
+        try:
             (group / "cgroup.kill").write_text("1")
-        wait_until(lambda g=group: "populated 0" in (g / "cgroup.events").read_text(), 10,
-                   what=f"{group} to empty")
+        except FileNotFoundError:
+            continue  # already removed (or a kernel without cgroup.kill: rmdir waits)
+        wait_until(lambda g=group: _empty(g), 10, what=f"{group} to empty")
         wait_until(lambda g=group: _rmdir(g), 10, what=f"{group} to go")
+
+
+def _empty(group: Path) -> bool:
+    try:
+        return "populated 0" in (group / "cgroup.events").read_text()
+    except FileNotFoundError:
+        return True
 
 
 def _rmdir(path: Path) -> bool:

@@ -85,6 +85,7 @@ def init_daemon(zipapp: Path, tmp_path: Path) -> Iterator[Callable[..., InitDaem
             os.kill(daemon.init_pid, signal.SIGKILL)  # the namespace dies with its init
             daemon.proc.wait(30)
         daemon.client.close()
+    for daemon in started:  # once all are dead: daemons may share a DATAPATH
         remove_cgroups(daemon.datapath)
 
 

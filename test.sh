@@ -13,6 +13,10 @@ need=()
 for tool in jq curl zip unzip; do
     command -v "$tool" >/dev/null || need+=("$tool")
 done
+# util-linux: unshare and nsenter (jobd as PID 1 of a PID namespace), setsid (test jobs).
+for tool in unshare nsenter setsid; do
+    command -v "$tool" >/dev/null || { need+=(util-linux); break; }
+done
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null

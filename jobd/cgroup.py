@@ -35,6 +35,7 @@ log = logging.getLogger("jobd.cgroup")
 WANTED = ("memory", "cpu", "pids", "io")
 CPU_PERIOD = 100_000  # microseconds: cpu.max "<quota> <period>"
 _OPTIONAL = frozenset({"memory.swap.max", "memory.oom.group"})
+DAEMON_LEAF = "jobd-daemon"  # where jobd moves itself so its cgroup can hand out controllers
 
 
 class CgroupError(RuntimeError):
@@ -209,6 +210,8 @@ class CgroupTree:
                 own = own_cgroup()
                 if own is None:
                     return None, "no cgroup v2 hierarchy (cgroup v1 only)"
+                if own.name == DAEMON_LEAF:  # moved there by an earlier run of jobd
+                    own = own.parent
                 if not os.access(own / "cgroup.procs", os.W_OK) or not os.access(own, os.W_OK):
                     return None, f"cgroup v2 {own} is not writable (not delegated)"
                 path = own / tree_name(datapath)
@@ -315,7 +318,7 @@ def _enable_controllers(own: Path, wanted: tuple[str, ...] = WANTED) -> None:
         if exc.errno != errno.EBUSY:
             log.warning("cannot enable %s in %s: %s", text, own, exc)
             return
-    leaf = own / "jobd-daemon"
+    leaf = own / DAEMON_LEAF
     leaf.mkdir(exist_ok=True)
     _write(leaf / "cgroup.procs", str(os.getpid()))
     log.info("moved jobd into %s so that %s can enable controllers", leaf, own)

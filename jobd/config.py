@@ -131,7 +131,7 @@ class Config:
                              "on expiry SIGTERM, then SIGKILL after the kill grace, FAILED.",
                              parse_duration, shown="0")
     kill_grace: float = setting(5.0, "JOBD_KILL_GRACE", "Seconds between SIGTERM and SIGKILL "
-                                "when a job is cancelled.", parse_duration, shown="5s")
+                                "when a job is cancelled or times out.", parse_duration, shown="5s")
     shutdown_grace: float = setting(6.0, "JOBD_SHUTDOWN_GRACE", "On SIGTERM, seconds running "
                                     "jobs get to stop before they are killed and requeued "
                                     "(with the HTTP drain, well inside Docker's 10 s).",

@@ -28,7 +28,7 @@ import signal
 import time
 from pathlib import Path
 
-from jobd.limits import Limits
+from jobd.resources import Limits
 
 log = logging.getLogger("jobd.cgroup")
 

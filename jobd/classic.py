@@ -54,7 +54,7 @@ def rejected(exc: Rejected) -> JSONResponse:
 def extra_options(fields: dict[str, Any]) -> tuple[int, dict[str, str], dict[str, Any]] | str:
     """The optional keys jobd adds to the classic upload (the Go jobd ignores unknown keys):
     `priority` (integer, higher first), `timeout` (seconds or "5m"), `labels` (object of
-    strings), `limits` (object, see limits.py). (priority, labels, options), or the problem."""
+    strings), `limits` (object, see resources.py). (priority, labels, options), or the problem."""
     priority = fields.get("priority", 0)
     if isinstance(priority, bool) or not isinstance(priority, int):
         return "priority must be an integer"

@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from jobd.limits import human_size
+from jobd.resources import human_size
 
 CACHE_SECONDS = 1.0
 

@@ -23,8 +23,8 @@ from jobd.cgroup import CgroupError, CgroupTree, JobCgroup
 from jobd.config import Config, parse_duration
 from jobd.disk import DiskGuard
 from jobd.files import DataDir, JobFiles, fsync_dir
-from jobd.limits import LimitError, Limits
 from jobd.reaper import Reaper
+from jobd.resources import LimitError, Limits
 from jobd.run import (
     LocalExecutor,
     LocalProcess,

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobd.cgroup import CgroupError, JobCgroup
-from jobd.limits import Limits
 from jobd.reaper import Reaper, exit_status
+from jobd.resources import Limits
 from jobd.users import Identity
 
 log = logging.getLogger("jobd.run")

@@ -18,9 +18,9 @@ import pytest
 
 from jobd.cgroup import CgroupTree, JobCgroup, block_device, own_cgroup, tree_name
 from jobd.config import Config
-from jobd.limits import LimitError, Limits
 from jobd.manager import JobManager
 from jobd.reaper import Reaper
+from jobd.resources import LimitError, Limits
 from jobd.store import JobStore
 from tests.conftest import (
     Daemon,

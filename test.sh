@@ -19,6 +19,10 @@ if ! PATH="$PATH:/usr/sbin:/sbin" command -v slurmctld >/dev/null ||
    ! PATH="$PATH:/usr/sbin:/sbin" command -v munged >/dev/null; then
     need+=(slurm-wlm munge)
 fi
+# util-linux: unshare and nsenter (jobd as PID 1 of a PID namespace), setsid (test jobs).
+for tool in unshare nsenter setsid; do
+    command -v "$tool" >/dev/null || { need+=(util-linux); break; }
+done
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null

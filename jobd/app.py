@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from jobd import api, classic, limits, metrics, openapi, orchestrator
 from jobd.auth import Authenticator, AuthMiddleware
 from jobd.config import Config
-from jobd.manager import JobManager
+from jobd.manager import JobManager, Rejected
 from jobd.reaper import Reaper
 from jobd.spec import Spec, load_specs
 from jobd.store import JobStore
@@ -37,6 +37,13 @@ async def http_error(request: Request, exc: Exception) -> Response:
     kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
     return JSONResponse({"error": kind, "message": str(exc.detail).lower(),
                          "status": exc.status_code}, exc.status_code, headers=exc.headers)
+
+
+async def rejected(request: Request, exc: Exception) -> Response:
+    """A refused job (queue full, disk full, bad options) that a protocol did not map itself."""
+    assert isinstance(exc, Rejected)
+    return JSONResponse({"error": exc.code, "message": exc.message, "status": exc.status},
+                        exc.status, headers=exc.headers)
 
 
 class RequestLog:
@@ -120,7 +127,8 @@ def create_app(config: Config, *, store: JobStore | None = None,
         Route("/metrics", metrics.endpoint, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: http_error, **limits.handlers})
+                    exception_handlers={HTTPException: http_error, Rejected: rejected,
+                                        **limits.handlers})
     app.state.metrics = metrics.Metrics()
     app.add_middleware(metrics.HTTPMetrics, metrics=app.state.metrics)
     app.state.pace = limits.Pace.of(config)

@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from jobd import archive, auth, job, limits, pack
 from jobd.limits import BodyTooLarge
-from jobd.manager import JobManager, Locked, NotFound
+from jobd.manager import InvalidOptions, JobManager, Locked, NotFound, Rejected
 from jobd.store import JobExists
 from jobd.upload import ClassicBodyScanner, UploadError
 
@@ -39,6 +39,33 @@ def error(status: int, kind: str, message: str,
 
 def bad_request(message: str) -> JSONResponse:
     return error(400, "bad_request", message)
+
+
+def rejected(exc: Rejected) -> JSONResponse:
+    """Queue full (429 + Retry-After), disk full (507), a bad option (400)."""
+    if isinstance(exc, InvalidOptions):
+        return bad_request(f"error validating job {exc.message}")
+    response = error(exc.status, exc.code, exc.message)
+    response.headers.update(exc.headers)
+    return response
+
+
+def extra_options(fields: dict[str, Any]) -> tuple[int, dict[str, str], dict[str, Any]] | str:
+    """The optional keys jobd adds to the classic upload (the Go jobd ignores unknown keys):
+    `priority` (integer, higher first), `timeout` (seconds or "5m"), `labels` (object of
+    strings), `limits` (object, see resources.py). (priority, labels, options), or the problem."""
+    priority = fields.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        return "priority must be an integer"
+    labels = fields.get("labels") or {}
+    if not isinstance(labels, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        return "labels must be an object of strings"
+    options: dict[str, Any] = {}
+    for key in ("timeout", "limits"):
+        if fields.get(key) is not None:
+            options[key] = fields[key]
+    return priority, labels, options
 
 
 def rfc3339(timestamp: float) -> str:
@@ -115,6 +142,11 @@ async def upload(request: Request) -> Response:
     config = manager.config
     if config.locked:
         return error(403, "forbidden", str(Locked()))
+    declared = request.headers.get("content-length", "")
+    try:  # before reading the body: a full queue or disk answers at once
+        manager.admit(int(declared) * 3 // 4 if declared.isdigit() else 0)
+    except Rejected as exc:
+        return rejected(exc)
     incoming = manager.data.new_incoming()
     try:
         try:
@@ -142,6 +174,10 @@ async def upload(request: Request) -> Response:
             problem = auth.secret_problem(secret)
             if problem:
                 return bad_request(f"error validating job {problem}")
+        extra = extra_options(fields)
+        if isinstance(extra, str):
+            return bad_request(f"error validating job {extra}")
+        priority, labels, options = extra
         if not scanner.found_input or scanner.input_size == 0:
             return bad_request("error validating job input is required")
         try:
@@ -151,10 +187,13 @@ async def upload(request: Request) -> Response:
         executor = "slurm" if slurml else config.executor
         try:
             record = await manager.create(job_id, incoming, protocol="classic",
-                                          options={"slurml": slurml}, executor=executor,
+                                          options={"slurml": slurml, **options},
+                                          priority=priority, labels=labels, executor=executor,
                                           owner=auth.client_of(request).name, secret=secret)
         except JobExists:
             return bad_request("job already exists")
+        except Rejected as exc:
+            return rejected(exc)
         except ValueError as exc:  # the executor is not available, or refuses the options
             return bad_request(f"error validating job {exc}")
         return JSONResponse(classic_record(record), 201)

@@ -54,6 +54,32 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
 
 
+def parse_floor(text: str) -> tuple[int, float]:
+    """A free-space floor: bytes (`1G`) or a percentage of the filesystem (`5%`)."""
+    stripped = text.strip()
+    if stripped.endswith("%"):
+        try:
+            percent = float(stripped[:-1])
+        except ValueError:
+            raise ValueError(f"expected a size such as 1G or a percentage such as 5%, "
+                             f"got {text!r}") from None
+        if not 0 <= percent < 100:
+            raise ValueError(f"a percentage must be from 0 to 100, got {text!r}")
+        return 0, percent
+    return parse_size(stripped), 0.0
+
+
+def parse_uid_range(text: str) -> tuple[int, int]:
+    """`20000-29999` as (first, last); both unprivileged (not 0)."""
+    match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
+    if not match:
+        raise ValueError(f"expected a range such as 20000-29999, got {text!r}")
+    first, last = int(match.group(1)), int(match.group(2))
+    if first < 1 or last < first or last > 0xFFFFFFFE:
+        raise ValueError(f"expected 1 <= first <= last < 4294967295, got {text!r}")
+    return first, last
+
+
 def parse_list(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
@@ -158,7 +184,7 @@ class Config:
                              "on expiry SIGTERM, then SIGKILL after the kill grace, FAILED.",
                              parse_duration, shown="0")
     kill_grace: float = setting(5.0, "JOBD_KILL_GRACE", "Seconds between SIGTERM and SIGKILL "
-                                "when a job is cancelled.", parse_duration, shown="5s")
+                                "when a job is cancelled or times out.", parse_duration, shown="5s")
     shutdown_grace: float = setting(6.0, "JOBD_SHUTDOWN_GRACE", "On SIGTERM, seconds running "
                                     "jobs get to stop before they are killed and requeued "
                                     "(with the HTTP drain, well inside Docker's 10 s).",
@@ -224,6 +250,38 @@ class Config:
                              "job templates); empty: no specs.", shown="")
     locked: bool = setting(False, "JOBD_LOCKED", "Locked-down mode: refuse every "
                            "client-supplied run.sh (403) and run only job specs.", parse_bool)
+    max_queue: int = setting(0, "JOBD_MAX_QUEUE", "Most jobs waiting QUEUED; beyond, uploads "
+                             "get 429 with Retry-After (0: no cap).", int)
+    min_free: tuple = setting((1 << 30, 0.0), "JOBD_MIN_FREE", "Free space kept under DATAPATH, "
+                              "as a size or a percentage (`5%`); below it uploads get 507 and "
+                              "the retention sweep runs at once.", parse_floor, shown="1G")
+    run_as: str = setting("", "JOBD_RUN_AS", "When jobd is root: the user every job runs as, "
+                          "a name or `uid[:gid]` (empty: one uid per job from JOBD_UID_RANGE).")
+    uid_range: tuple = setting((20000, 29999), "JOBD_UID_RANGE", "When jobd is root and "
+                               "JOBD_RUN_AS is empty: each running job gets its own uid (and "
+                               "gid) from this range.", parse_uid_range, shown="20000-29999")
+    allow_root: bool = setting(False, "JOBD_ALLOW_ROOT", "Let jobs run as root when jobd is "
+                               "root and JOBD_RUN_AS is empty (or `root`).", parse_bool)
+    limit_memory: int = setting(0, "JOBD_LIMIT_MEMORY", "Memory of a job (0: none): "
+                                "RLIMIT_DATA, and memory.max of its cgroup when available.",
+                                parse_size, shown="0")
+    limit_cpu_time: float = setting(0.0, "JOBD_LIMIT_CPU_TIME", "CPU time of each process of a "
+                                    "job (0: none): RLIMIT_CPU, SIGXCPU when reached.",
+                                    parse_duration, shown="0")
+    limit_cpus: float = setting(0.0, "JOBD_LIMIT_CPUS", "CPUs a job may keep busy, e.g. 1.5 "
+                                "(0: no cap): cgroup cpu.max only.", float, shown="0")
+    limit_nofile: int = setting(0, "JOBD_LIMIT_NOFILE", "Open files per process (0: jobd's "
+                                "own limit): RLIMIT_NOFILE.", int)
+    limit_nproc: int = setting(0, "JOBD_LIMIT_NPROC", "Processes of a job (0: none): cgroup "
+                               "pids.max, and RLIMIT_NPROC (counted per uid).", int)
+    limit_fsize: int = setting(0, "JOBD_LIMIT_FSIZE", "Largest file a job may write (0: none): "
+                               "RLIMIT_FSIZE, SIGXFSZ when reached.", parse_size, shown="0")
+    limit_io: int = setting(0, "JOBD_LIMIT_IO", "Bytes per second a job may read and write on "
+                            "DATAPATH's disk (0: none): cgroup io.max only.", parse_size,
+                            shown="0")
+    cgroup: str = setting("auto", "JOBD_CGROUP", "`auto`: per-job cgroups under jobd's own "
+                          "cgroup v2 when it is delegated and writable; `off`; or the path of a "
+                          "writable cgroup v2 directory to put them in.")
     log_level: str = setting("info", "JOBD_LOG_LEVEL", "debug, info, warning or error.")
     access_log: bool = setting(True, "JOBD_ACCESS_LOG", "Log one line per HTTP request.",
                                parse_bool)

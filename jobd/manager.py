@@ -8,24 +8,38 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from jobd import archive, artifacts, auth, job, pack
 from jobd.auth import Client
-from jobd.config import Config
+from jobd.cgroup import CgroupError, CgroupTree, JobCgroup
+from jobd.config import Config, parse_duration
 from jobd.counter import NumericIds
+from jobd.disk import DiskGuard
 from jobd.files import DataDir, JobFiles, fsync_dir
 from jobd.options import param_environment
 from jobd.reaper import Reaper
-from jobd.run import LocalExecutor, LocalProcess, Outcome, StartError, command_for, job_environment
+from jobd.resources import LimitError, Limits
+from jobd.run import (
+    LocalExecutor,
+    LocalProcess,
+    Outcome,
+    StartError,
+    command_for,
+    job_environment,
+    leftover_processes,
+)
 from jobd.schedule import Scheduler
 from jobd.slurm import TOKEN, OptionError, SlurmError, SlurmExecutor, SlurmGaveUp, SlurmJob
 from jobd.spec import Spec
 from jobd.store import JobExists, JobStore
+from jobd.users import Identity, UserPolicy
 
 log = logging.getLogger("jobd.jobs")
 
@@ -56,6 +70,47 @@ class _CancelledBeforeSubmit(Exception):
     """A cancel arrived while the job waited to be submitted to Slurm."""
 
 
+class Rejected(Exception):
+    """A new job is refused; every protocol answers `status` with error `code` and `headers`
+    (the app maps any it does not catch itself)."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
+
+
+class QueueFull(Rejected):
+    """JOBD_MAX_QUEUE jobs are already waiting."""
+
+    status = 429
+    code = "too_many_requests"
+
+
+class DiskFull(Rejected):
+    """Free space under DATAPATH is below JOBD_MIN_FREE."""
+
+    status = 507
+    code = "insufficient_storage"
+
+
+class InvalidOptions(Rejected, ValueError):
+    """A job option (timeout, limits) is malformed or not allowed."""
+
+
+# Seconds between two retention sweeps started by the disk guard.
+_ON_DEMAND_SWEEP_GAP = 10.0
+# Seconds a leftover process of a crashed daemon's job gets to die before jobd goes on.
+_LEFTOVER_WAIT = 5.0
+
+
 class JobManager:
     """Owns the store, the scheduler and the running processes of one daemon."""
 
@@ -75,6 +130,14 @@ class JobManager:
                                      max_ratio=config.max_ratio)
         self.scheduler = Scheduler(store, self._execute, slots=config.effective_slots,
                                    poll_interval=config.poll_interval)
+        self.default_limits = Limits.from_config(config)
+        self.users = UserPolicy.from_config(config)
+        self.cgroups: CgroupTree | None = None
+        self.disk = DiskGuard(config.datapath, *config.min_free)
+        self._uids: dict[str, int] = {}
+        self._mean_run = 5.0  # seconds, moving average: the Retry-After estimate
+        self._sweep_task: asyncio.Task[None] | None = None
+        self._last_demand_sweep = -math.inf
         self._processes: dict[str, LocalProcess] = {}
         self._cancel_requested: set[str] = set()
         self._reserved: set[str] = set()
@@ -92,9 +155,19 @@ class JobManager:
 
     async def start(self) -> None:
         self.data.create()
+        self.users.check_datapath(self.data.root)
+        self.users.prepare_datapath(self.data.root, [self.data.incoming, self.data.trash])
+        self.cgroups, how = await asyncio.to_thread(CgroupTree.detect, self.config.cgroup,
+                                                    self.data.root)
+        mechanism = f"setrlimit + {how}" if self.cgroups else f"setrlimit only ({how})"
+        log.info("limits: %s; defaults: %s", mechanism, self.default_limits.describe())
+        log.info("users: %s", self.users.describe())
+        for warning in self.users.warnings():
+            log.warning("%s", warning)
         if self.slurm is not None:
             await self.slurm.start()
         await asyncio.to_thread(self._clean_disk)
+        await self._kill_leftovers()
         self.numeric_ids = NumericIds(self.config.db_path, self._all_ids(),
                                       fsync=self.config.fsync)
         self._recover()
@@ -130,6 +203,33 @@ class JobManager:
             log.info("stopping %d running job(s), %.1fs grace", len(self._processes), grace)
         await asyncio.gather(*(p.terminate(SHUTDOWN, grace) for p in self._processes.values()))
         await self.scheduler.drain()
+        if self._sweep_task is not None:
+            self._sweep_task.cancel()
+        if self.cgroups is not None:
+            self.cgroups.close()
+
+    async def _kill_leftovers(self) -> None:
+        """Processes of jobs of a daemon that died without its container must not outlive it:
+        their jobs are about to be requeued, and must not run twice at once."""
+        if self.cgroups is not None:
+            for group in self.cgroups.stale():
+                log.warning("killing what is left in %s (from a previous run)", group.path)
+                await group.remove()
+        if not any(self.store.ids_with_status(s) for s in job.ACTIVE):
+            return  # a clean stop leaves nothing running
+        pids = await asyncio.to_thread(leftover_processes, self.data.root)
+        if not pids:
+            return
+        log.warning("killing %d process(es) left by jobs of a previous run: %s", len(pids),
+                    " ".join(map(str, pids[:20])))
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+        deadline = time.monotonic() + _LEFTOVER_WAIT
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
     def _recover(self) -> None:
         """Jobs that were running when the daemon died go back to the queue."""
@@ -174,6 +274,41 @@ class JobManager:
     def exists(self, job_id: str) -> bool:
         return job_id in self._reserved or self.store.get(job_id) is not None
 
+    def admit(self, incoming: int = 0) -> None:
+        """Raise QueueFull or DiskFull when a job of about `incoming` bytes cannot be taken.
+
+        Cheap (a counter and a cached statvfs): protocols call it before reading a body, and
+        `create` calls it again, so every protocol gets the same answers.
+        """
+        cap = self.config.max_queue
+        if cap:
+            waiting = self.store.counts().get(job.QUEUED, 0) + len(self._reserved)
+            if waiting >= cap:
+                raise QueueFull(f"the queue is full: {waiting} jobs are waiting, at most {cap}"
+                                f" (JOBD_MAX_QUEUE); try again later",
+                                retry_after=self._retry_after(waiting - cap + 1))
+        problem = self.disk.problem(incoming)
+        if problem:
+            self._sweep_on_demand()
+            raise DiskFull(problem)
+
+    def _retry_after(self, ahead: int) -> int:
+        """Seconds until about `ahead` queued jobs have started, from recent run times."""
+        rounds = math.ceil(ahead / max(1, self.scheduler.slots))
+        return max(1, min(300, math.ceil(self._mean_run * rounds)))
+
+    def check_options(self, options: dict[str, Any] | None) -> None:
+        """InvalidOptions unless `timeout` and `limits` are usable."""
+        options = options or {}
+        try:
+            _timeout(options.get("timeout"), 0.0)
+        except ValueError as exc:
+            raise InvalidOptions(f"timeout: {exc}") from None
+        try:
+            self.default_limits.for_job(options.get("limits"))
+        except LimitError as exc:
+            raise InvalidOptions(str(exc)) from None
+
     async def create(self, job_id: str, upload: Path, *, protocol: str,
                      options: dict[str, Any] | None = None, priority: int = 0,
                      labels: dict[str, str] | None = None, executor: str = "local",
@@ -189,6 +324,8 @@ class JobManager:
         if self.exists(job_id):
             raise JobExists(job_id)
         self.check_executor(executor, options or {})
+        self.check_options(options)
+        self.admit()
         self._reserved.add(job_id)
         try:
             files = self.files(job_id)
@@ -225,7 +362,7 @@ class JobManager:
     def _place_input(self, upload: Path, files: JobFiles) -> None:
         if files.root.exists():
             _remove(files.root)  # a directory without a record: left by a crash
-        files.root.mkdir(parents=True)
+        files.root.mkdir(mode=0o700, parents=True)
         os.replace(upload, files.input)
         if self.config.fsync:
             fsync_dir(files.root)
@@ -420,6 +557,8 @@ class JobManager:
     async def _record_outcome(self, record: dict[str, Any], files: JobFiles,
                               outcome: Outcome) -> None:
         """Pack the working directory and record how the job ended."""
+        started = record.get("started") or time.time()
+        self._mean_run = 0.8 * self._mean_run + 0.2 * max(0.0, time.time() - started)
         changes = job.outcome_fields(outcome.exit_code, outcome.signal, reason=outcome.reason)
         try:
             size, found = await asyncio.to_thread(self._pack, files)
@@ -453,20 +592,47 @@ class JobManager:
 
     async def _run(self, record: dict[str, Any], files: JobFiles) -> Outcome:
         job_id = record["id"]
-        options = record.get("options") or {}
         try:
-            await asyncio.to_thread(self._prepare, record, files)
+            return await self._run_as(record, files)
+        finally:
+            self._uids.pop(job_id, None)
+            try:
+                await asyncio.to_thread(self.users.take_back, files)
+            except OSError as exc:
+                log.error("job %s: cannot close its directory: %s", job_id, exc)
+
+    async def _run_as(self, record: dict[str, Any], files: JobFiles) -> Outcome:
+        """Prepare, confine and start the job's process; wait for it."""
+        job_id = record["id"]
+        options = record.get("options") or {}
+        cgroup: JobCgroup | None = None
+        try:
+            limits = self.default_limits.for_job(options.get("limits"))
+            timeout = _timeout(options.get("timeout"), self.config.timeout)
+            identity = self.users.assign(int(record.get("seq") or 0), set(self._uids.values()))
+            if identity is not None:
+                self._uids[job_id] = identity.uid
+            await asyncio.to_thread(self._prepare, record, files, identity)
             if job_id in self._cancel_requested:
                 return Outcome(None, None, "cancelled")
+            if self._stopping:
+                return Outcome(None, None, SHUTDOWN)
             env = self._environment(record, files)
             argv = self._command(record, files, env)
-            process = self.executor.start(argv, cwd=files.work, log_path=files.log, env=env)
+            if self.cgroups is not None:
+                try:
+                    cgroup = self.cgroups.create(job_id, limits)
+                except CgroupError as exc:
+                    log.error("job %s: runs without a cgroup: %s", job_id, exc)
+            process = self.executor.start(argv, cwd=files.work, log_path=files.log, env=env,
+                                          identity=identity, limits=limits, cgroup=cgroup)
         except archive.ArchiveError as exc:
-            return Outcome(None, None, f"could not unpack the input: {exc}")
-        except (StartError, OSError) as exc:
-            return Outcome(None, None, f"could not start the job: {exc}")
+            return await _cleanup(cgroup, f"could not unpack the input: {exc}")
+        except (StartError, OSError, ValueError, RuntimeError) as exc:
+            return await _cleanup(cgroup, f"could not start the job: {exc}")
+        who = f" as uid {identity.uid}" if identity is not None else ""
+        log.info("job %s started%s, pid %d", job_id, who, process.pid)
         self._processes[job_id] = process
-        timeout = float(options.get("timeout") or self.config.timeout)
         timer = None
         if timeout > 0:
             reason = f"timed out after {timeout:g}s"
@@ -474,11 +640,15 @@ class JobManager:
                 timeout, lambda: asyncio.ensure_future(
                     process.terminate(reason, self.config.kill_grace)))
         try:
-            return await process.wait()
+            outcome = await process.wait()
         finally:
             if timer is not None:
                 timer.cancel()
             self._processes.pop(job_id, None)
+        if outcome.reason is None:
+            outcome.reason = limits.reason(outcome.exit_code, outcome.signal, outcome.oom_kills,
+                                           files.log)
+        return outcome
 
     # -- a Slurm job's run --------------------------------------------------------------------
 
@@ -571,7 +741,7 @@ class JobManager:
                             f"submitted to Slurm as job {slurm_id} (found again after a "
                             "restart)")}, durable=True)
                         return slurm.attach(job_id, slurm_id, timeout=timeout, started=None)
-            await asyncio.to_thread(self._prepare, record, files)
+            await asyncio.to_thread(self._prepare, record, files, None)
             env = self._environment(record, files)
             argv = self._command(record, files, env)
             token = await asyncio.to_thread(slurm.write_submission, job_id, files, argv)
@@ -624,8 +794,10 @@ class JobManager:
             status = None
         self._move(record, changes, durable=status is not None)
 
-    def _prepare(self, record: dict[str, Any], files: JobFiles) -> None:
-        """A fresh working directory with the input unpacked, an empty log, home and tmp."""
+    def _prepare(self, record: dict[str, Any], files: JobFiles,
+                 identity: Identity | None) -> None:
+        """A fresh working directory with the input unpacked, an empty log, home and tmp,
+        owned by the user the job runs as."""
         _remove_all(files.work, files.result, files.home, files.tmp)
         archive.extract(files.input, files.work, self.limits)
         if (record.get("options") or {}).get("spec"):  # others see just their upload
@@ -633,6 +805,7 @@ class JobManager:
         files.home.mkdir()
         files.tmp.mkdir()
         files.log.write_bytes(b"")
+        self.users.hand_over(files, identity)
 
     def _pack(self, files: JobFiles) -> tuple[int, list[dict[str, Any]]]:
         """The result zip's size and the artifacts listing."""
@@ -679,6 +852,23 @@ class JobManager:
         found = (self.store.get(i) for i in self.store.ids_with_status(status))
         return [r for r in found if r is not None]
 
+    def _sweep_on_demand(self) -> None:
+        """The disk is nearly full: run the retention sweep now (at most every few seconds)."""
+        now = time.monotonic()
+        running = self._sweep_task is not None and not self._sweep_task.done()
+        if running or now - self._last_demand_sweep < _ON_DEMAND_SWEEP_GAP:
+            return
+        self._last_demand_sweep = now
+        log.warning("disk space below JOBD_MIN_FREE: running the retention sweep now")
+        self._sweep_task = asyncio.get_running_loop().create_task(self._sweep_now())
+
+    async def _sweep_now(self) -> None:
+        try:
+            await self.sweep()
+        except OSError:
+            log.exception("on-demand retention sweep failed")
+        self.disk.forget()
+
     async def _sweep_forever(self) -> None:
         while True:
             try:
@@ -686,6 +876,38 @@ class JobManager:
             except OSError:
                 log.exception("retention sweep failed; retrying next interval")
             await asyncio.sleep(self.config.retention_interval)
+
+
+def _timeout(value: Any, default: float) -> float:
+    """A job's `timeout` option (seconds, or a duration such as "5m"); ValueError if bad."""
+    if value is None:
+        return default
+    if isinstance(value, str):
+        seconds = parse_duration(value)
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected seconds or a duration such as 90s, got {value!r}")
+    else:
+        seconds = float(value)
+    if not 0 < seconds < math.inf:
+        raise ValueError(f"must be more than 0 seconds, got {value!r}")
+    return seconds
+
+
+def _alive(pid: int) -> bool:
+    """Does `pid` exist and is it not a zombie?"""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            state = handle.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != b"Z"
+
+
+async def _cleanup(cgroup: JobCgroup | None, reason: str) -> Outcome:
+    """A job that did not start: remove its cgroup, report why."""
+    if cgroup is not None:
+        await cgroup.remove()
+    return Outcome(None, None, reason)
 
 
 def _remove(path: Path) -> None:

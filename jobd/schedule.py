@@ -66,15 +66,18 @@ class Scheduler:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="scheduler")
 
     async def stop(self) -> None:
-        """Stop starting jobs; running ones are the caller's to stop."""
+        """Stop starting jobs; running ones are the caller's to stop.
+
+        The loop is told by a flag and a wake-up, not by cancelling it: `asyncio.wait_for`
+        (before Python 3.12) swallows a cancellation that arrives as the wait completes, which
+        happens whenever a job ends at that moment, and the loop would then run forever.
+        """
         self._accepting = False
+        self._wake.set()
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                log.debug("scheduler loop stopped")
+            await self._task
             self._task = None
+            log.debug("scheduler loop stopped")
 
     async def drain(self) -> None:
         """Wait for every running job task to finish."""
@@ -123,7 +126,7 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         self._poll_store()
         last_poll = loop.time()
-        while True:
+        while self._accepting:
             self._start_ready()
             self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):  # no wake-up: time for the poll

@@ -19,6 +19,7 @@ from jobd.config import Config, ConfigError
 from jobd.connection import connection_class
 from jobd.spec import SpecError
 from jobd.store import JobStore, StoreError
+from jobd.users import UserPolicy
 
 log = logging.getLogger("jobd")
 
@@ -125,6 +126,11 @@ def is_loopback(host: str) -> bool:
 def serve(config: Config) -> int:
     """Run the daemon until SIGTERM or SIGINT; returns the exit code."""
     setup_logging("debug" if config.debug else config.log_level)
+    try:
+        UserPolicy.from_config(config).check_datapath(config.datapath)
+    except ConfigError as exc:
+        log.error("refusing to start: %s", exc)
+        return 2
     try:
         store = JobStore(config.db_path, fsync=config.fsync)
     except StoreError as exc:

@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from typing import Any, Callable
 import httpx
 import pytest
 
+from jobd.cgroup import own_cgroup, tree_name
 from tests.openapi_check import CHECKED, OpenApiChecker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,7 +111,10 @@ class Daemon:
             "SHIV_ROOT": str(workdir.parent / "shiv"),
             "PORT": str(self.port), "JOBD_HOST": "127.0.0.1",
             "DATAPATH": str(self.datapath), "DB_PATH": str(self.db_path),
-            "JOBD_SLOTS": "2", **env,
+            "JOBD_SLOTS": "2",
+            # Test jobs write into the test's tmp_path, which only root may enter: as root,
+            # run them as root. tests/test_exec.py covers the default (one uid per job).
+            "JOBD_ALLOW_ROOT": "true", **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None
         self._checker: OpenApiChecker | None = None
@@ -186,6 +191,41 @@ def daemon_factory(zipapp: Path, tmp_path: Path) -> Iterator[Callable[..., Daemo
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.stop(signal.SIGKILL)
         daemon.client.close()
+    for daemon in started:  # once all are dead: daemons may share a DATAPATH
+        remove_cgroups(daemon.datapath)
+
+
+def remove_cgroups(datapath: Path) -> None:
+    """Kill and remove the cgroups a daemon killed with SIGKILL left behind (the host's cgroup
+    tree outlives the test)."""
+    own = own_cgroup()
+    tree = own / tree_name(datapath) if own is not None else None
+    if tree is None or not tree.is_dir():
+        return
+    for group in [*tree.glob("job-*"), tree]:
+        try:
+            (group / "cgroup.kill").write_text("1")
+        except FileNotFoundError:
+            continue  # already removed (or a kernel without cgroup.kill: rmdir waits)
+        wait_until(lambda g=group: _empty(g), 10, what=f"{group} to empty")
+        wait_until(lambda g=group: _rmdir(g), 10, what=f"{group} to go")
+
+
+def _empty(group: Path) -> bool:
+    try:
+        return "populated 0" in (group / "cgroup.events").read_text()
+    except FileNotFoundError:
+        return True
+
+
+def _rmdir(path: Path) -> bool:
+    try:
+        path.rmdir()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 @pytest.fixture
@@ -209,3 +249,48 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
                                     "pairs")
     for (method, template, status), count in sorted(CHECKED.items()):
         terminalreporter.write_line(f"  {method.upper():6} {template} {status}: {count}")
+
+
+# -- execution control (test_exec, test_pid1, test_torture) ------------------------------
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory every uid may enter, with a world-writable `shared/` for job reports.
+
+    Not pytest's tmp_path: that lies under /tmp/pytest-of-root, which pytest resets to 0700
+    whenever a session starts, so jobs running as other uids could not reach it.
+    """
+    path = Path(tempfile.mkdtemp(prefix="jobd-exec-"))
+    path.chmod(0o711)
+    shared = path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    events = shared / "events"
+    events.touch()
+    events.chmod(0o666)
+    yield path
+    shutil.rmtree(path)
+
+
+def report(shared: Path, what: str) -> str:
+    """Shell that appends `what job pid time uid` to shared/events."""
+    return (f'echo "{what} $JOBD_JOB_ID $$ $(date +%s.%N) $(id -u)" >> {shared}/events\n')
+
+
+def read_events(shared: Path) -> list[tuple[str, str, int, float, int]]:
+    """(kind, job id, pid, time, uid) of each line `report` wrote."""
+    out = []
+    for line in (shared / "events").read_text().splitlines():
+        kind, job_id, pid, when, uid = line.split()
+        out.append((kind, job_id, int(pid), float(when), int(uid)))
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Does `pid` exist and is it not a zombie?"""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != b"Z"

@@ -27,31 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tinydb import TinyDB
 
+from bench.records import job_record
+from bench.report import Section
 from jobd.storage import JournalStorage
 from jobd.store import DB_FILE, JobStore
-
-STATUSES = ["SUCCESS"] * 80 + ["FAILED"] * 12 + ["CANCELLED"] * 4 + ["QUEUED"] * 3 + ["RUNNING"]
-
-
-def job_record(i: int, rng: random.Random) -> dict:
-    """A record shaped like the ones jobd stores (see ARCHITECTURE.md)."""
-    created = 1_700_000_000.0 + i * 7.5
-    status = rng.choice(STATUSES)
-    done = status in ("SUCCESS", "FAILED", "CANCELLED")
-    return {
-        "id": f"job-{i:07d}-{rng.getrandbits(32):08x}", "status": status,
-        "message": "job finished successfully" if status == "SUCCESS" else f"job {status.lower()}",
-        "created": created, "started": created + 2.0 if done else None,
-        "finished": created + 95.5 if done else None, "updated": created + 95.5,
-        "exit_code": (0 if status == "SUCCESS" else 1) if done else None, "signal": None,
-        "attempt": 1, "priority": rng.choice([0, 0, 0, 10]),
-        "labels": {"project": f"p{i % 17}", "user": f"user{i % 5}"},
-        "executor": "local", "protocol": rng.choice(["classic", "native", "orchestrator"]),
-        "options": {"entry": "run.sh", "args": ["--input", "data.pdb"], "timeout": 86400,
-                    "limits": {"memory": 4 << 30, "cpus": 2}},
-        "input_size": rng.randint(1_000, 5_000_000), "output_size": rng.randint(0, 50_000_000),
-        "seq": i + 1,
-    }
 
 
 def sample(fn: Callable[[int], object], n: int) -> list[float]:
@@ -85,6 +64,19 @@ def both(xs: list[float]) -> str:
 
 
 def bench_jobstore(root: Path, n: int, samples: int) -> dict[str, str]:
+    """Formatted figures of one size (see `measure_jobstore` for the raw seconds)."""
+    raw = measure_jobstore(root, n, samples)
+    return {
+        "N": f"{n:,}", "file": f"{raw['file'] / 1e6:.1f} MB", "open (replay)": fmt(raw["open"]),
+        "add, fsync": both(raw["add"]), "update, no fsync": both(raw["update"]),
+        "update, fsync": both(raw["update durable"]), "get": both(raw["get"]),
+        "page(50) first": fmt(p50(raw["page"])), "ids_with_status": fmt(p50(raw["queued"])),
+        "compaction": fmt(raw["compaction"]),
+    }
+
+
+def measure_jobstore(root: Path, n: int, samples: int) -> dict:
+    """Seconds per operation on a JobStore pre-filled with `n` records."""
     rng = random.Random(n)
     records = [job_record(i, rng) for i in range(n)]
     db_dir = root / f"jobstore-{n}"
@@ -119,15 +111,19 @@ def bench_jobstore(root: Path, n: int, samples: int) -> dict[str, str]:
     store.close()
     shutil.rmtree(db_dir)
     return {
-        "N": f"{n:,}", "file": f"{size / 1e6:.1f} MB", "open (replay)": fmt(p50(opens)),
-        "add, fsync": both(adds), "update, no fsync": both(fast), "update, fsync": both(safe),
-        "get": both(gets), "page(50) first": fmt(p50(pages)),
-        "ids_with_status": fmt(p50(queued)), "compaction": fmt(compact),
+        "file": size, "open": p50(opens), "add": adds, "update": fast, "update durable": safe,
+        "get": gets, "page": pages, "queued": queued, "compaction": compact,
     }
 
 
 def bench_tinydb(root: Path, n: int, samples: int) -> str:
     """Stock TinyDB + JSONStorage: one insert (whole-file rewrite and fsync)."""
+    times = measure_tinydb(root, n, samples)
+    return f"{both(times)} (n={len(times)})"
+
+
+def measure_tinydb(root: Path, n: int, samples: int) -> list[float]:
+    """Seconds per insert into stock TinyDB holding `n` records (fewer samples when large)."""
     rng = random.Random(n)
     path = root / f"tinydb-{n}.json"
     with open(path, "w") as f:
@@ -139,7 +135,69 @@ def bench_tinydb(root: Path, n: int, samples: int) -> str:
     times = sample(lambda k: db.insert(template), count)
     db.close()
     path.unlink()
-    return f"{both(times)} (n={count})"
+    return times
+
+
+def interleaved_adds(root: Path, sizes: list[int], samples: int) -> dict[int, list[float]]:
+    """Seconds per durable add at each size, sampled round-robin across the sizes.
+
+    The fsync dominates an add and its time drifts with whatever else the disk does, so the
+    sizes take turns: a slow spell hits all of them alike and their ratio stays meaningful.
+    """
+    stores = {}
+    for n in sizes:
+        rng = random.Random(n)
+        db_dir = root / f"interleaved-{n}"
+        filler = JournalStorage(db_dir / DB_FILE, fsync=False)
+        filler.write({"jobs": {r["id"]: r for r in (job_record(i, rng) for i in range(n))}})
+        filler.close()
+        stores[n] = (JobStore(db_dir), job_record(n, rng))
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    try:
+        for k in range(samples):
+            for n, (store, template) in stores.items():
+                record = {**template, "id": f"new-{k}", "status": "QUEUED"}
+                start = time.perf_counter()
+                store.add(record)
+                times[n].append(time.perf_counter() - start)
+    finally:
+        for store, _ in stores.values():
+            store.close()
+    return times
+
+
+def section(sizes: list[int], samples: int, where: str | None = None) -> Section:
+    """The suite's store section: write and read cost against the number of stored jobs."""
+    out = Section(f"4. Store: one operation with {', '.join(f'{n:,}' for n in sizes)} jobs "
+                  f"stored, {samples} samples each (median, p99)")
+    root = Path(tempfile.mkdtemp(prefix="jobd-bench-", dir=where))
+    updates: dict[int, float] = {}
+    try:
+        for n in sizes:
+            raw = measure_jobstore(root, n, samples)
+            peer = measure_tinydb(root, n, samples)
+            updates[n] = p50(raw["update"])
+            out.add(f"{n:,} stored: write (add + fsync)", both(raw["add"]),
+                    f"stock TinyDB insert: {both(peer)}", f"{p50(raw['add']) / p50(peer):.3f}x")
+            out.add(f"{n:,} stored: write without fsync (update)", both(raw["update"]))
+            out.add(f"{n:,} stored: read (get)", both(raw["get"]))
+            out.add(f"{n:,} stored: open (replay {raw['file'] / 1e6:.1f} MB)", fmt(raw["open"]))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    low, high = min(sizes), max(sizes)
+    if high > low:
+        turns = interleaved_adds(root, [low, high], samples)
+        shutil.rmtree(root, ignore_errors=True)
+        adds = {n: p50(xs) for n, xs in turns.items()}
+        growth = adds[high] / adds[low]
+        out.add(f"write (add + fsync), sizes taking turns: {low:,} / {high:,} stored",
+                f"{fmt(adds[low])} / {fmt(adds[high])}")
+        out.add(f"write at {high:,} / write at {low:,}", f"{growth:.2f}x",
+                f"without fsync: {updates[high] / updates[low]:.2f}x", "",
+                "≤ 1.5x", growth <= 1.5)
+    out.notes.append(f"filesystem of {where or tempfile.gettempdir()}; the write cost is mostly "
+                     "the fsync, whose time varies with what else the disk is doing")
+    return out
 
 
 def main() -> None:

@@ -161,6 +161,9 @@ def _check_link(name: str, parts: list[str], target: str, limits: Limits) -> Non
         raise _entry(name, f"symlink target {shown} has '..' after a name")
     if ups > len(parts) - 1:
         raise _entry(name, f"symlink target {shown} escapes the working directory")
+    resolved = parts[:len(parts) - 1 - ups] + steps[ups:]
+    if resolved[:len(parts)] == parts:  # a loop: path tools resolve it in surprising ways
+        raise _entry(name, f"symlink target {shown} leads through the link itself")
 
 
 # -- detection --------------------------------------------------------------------------------

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import bz2
+import errno
 import gzip
 import io
 import lzma
-import errno
 import os
 import stat
 import struct

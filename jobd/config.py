@@ -252,9 +252,9 @@ class Config:
                            "client-supplied run.sh (403) and run only job specs.", parse_bool)
     max_queue: int = setting(0, "JOBD_MAX_QUEUE", "Most jobs waiting QUEUED; beyond, uploads "
                              "get 429 with Retry-After (0: no cap).", int)
-    min_free: tuple = setting((1 << 30, 0.0), "JOBD_MIN_FREE", "Free space kept under DATAPATH, "
+    min_free: tuple = setting((100 << 20, 0.0), "JOBD_MIN_FREE", "Free space kept under DATAPATH, "
                               "as a size or a percentage (`5%`); below it uploads get 507 and "
-                              "the retention sweep runs at once.", parse_floor, shown="1G")
+                              "the retention sweep runs at once.", parse_floor, shown="100M")
     run_as: str = setting("", "JOBD_RUN_AS", "When jobd is root: the user every job runs as, "
                           "a name or `uid[:gid]` (empty: one uid per job from JOBD_UID_RANGE).")
     uid_range: tuple = setting((20000, 29999), "JOBD_UID_RANGE", "When jobd is root and "

@@ -400,6 +400,10 @@ CREATE = {
         "403": error("Locked-down mode: only job specs run.", 403,
                      "this daemon is locked down: it runs only job specs "
                      "(POST /api/v1/specs/{name}/jobs), not uploaded scripts"),
+        "429": error("JOBD_MAX_QUEUE jobs are waiting; see Retry-After.", 429,
+                     "the queue is full (10 jobs waiting); try again later"),
+        "507": error("Free space under DATAPATH is below JOBD_MIN_FREE.", 507,
+                     "not enough disk space for an upload"),
     },
 }
 
@@ -686,6 +690,10 @@ SPEC_CREATE = {
                      "parameter 'min_length': must be at least 0"),
         "404": NO_SPEC,
         "409": error("A job with this id exists.", 409, "job fold-42 already exists"),
+        "429": error("JOBD_MAX_QUEUE jobs are waiting; see Retry-After.", 429,
+                     "the queue is full (10 jobs waiting); try again later"),
+        "507": error("Free space under DATAPATH is below JOBD_MIN_FREE.", 507,
+                     "not enough disk space for an upload"),
         "413": error("The body is larger than JOBD_MAX_BODY.", 413,
                      "request body is larger than 8589934592 bytes"),
     },
@@ -736,6 +744,8 @@ SUBMIT = {
         "413": orch_error("Larger than JOBD_MAX_BODY.", 413, "request_entity_too_large",
                           "request body is larger than 8589934592 bytes"),
         "507": orch_error("No space left.", 507, "insufficient_storage", "no space left"),
+        "429": orch_error("JOBD_MAX_QUEUE jobs are waiting.", 429, "too_many_requests",
+                          "the queue is full; try again later"),
     },
 }
 RETRIEVE = {
@@ -801,6 +811,11 @@ CLASSIC_UPLOAD = {
                      "this daemon is locked down: it runs only job specs "
                      "(POST /api/v1/specs/{name}/jobs), not uploaded scripts",
                      schema="ClassicError"),
+        "429": error("JOBD_MAX_QUEUE jobs are waiting; see Retry-After.", 429,
+                     "the queue is full (10 jobs waiting); try again later",
+                     schema="ClassicError"),
+        "507": error("Free space under DATAPATH is below JOBD_MIN_FREE.", 507,
+                     "not enough disk space for an upload", schema="ClassicError"),
     },
 }
 

@@ -485,6 +485,7 @@ def test_environment_is_exactly_the_documented_set(daemon_factory, open_dir: Pat
         "PATH": daemon_env["PATH"], "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "TZ": "UTC",
         "OMP_NUM_THREADS": "4", "CONDA_PREFIX": "/opt/conda", "JOBD_JOB_ID": "env",
         "JOBD_WORKDIR": f"{root}/work", "HOME": f"{root}/home", "TMPDIR": f"{root}/tmp",
+        "JOBD_ARTIFACTS_DIR": f"{root}/work/artifacts",
     }
 
 

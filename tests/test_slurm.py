@@ -71,7 +71,7 @@ def gated(gates: Path, name: str, before: str = "", after: str = "") -> str:
 def slurm_env(cluster: SlurmCluster, **env: str) -> dict[str, str]:
     return {"SLURM_CONF": str(cluster.conf), "JOBD_SLURM": "true",
             "JOBD_SLURM_SHARED_CHECK": "warn", "JOBD_SLURM_POLL_INTERVAL": "0.3",
-            "JOBD_FSYNC": "false", **env}
+            "JOBD_FSYNC": "false", "JOBD_ALLOW_ROOT": "true", **env}
 
 
 @pytest.fixture
@@ -280,7 +280,7 @@ class InProcess:
         defaults: dict[str, Any] = {
             "datapath": root / "data", "db_path": root / "db", "slurm": True,
             "slurm_shared_check": "warn", "slurm_poll_interval": 0.3, "fsync": False,
-            "kill_grace": 5.0}
+            "kill_grace": 5.0, "allow_root": True}  # Slurm runs jobs as the submitter
         defaults.update(settings)
         self.config = Config(**defaults)
 

@@ -163,7 +163,8 @@ def test_a_broken_spec_stops_the_daemon_with_file_line_and_reason(zipapp: Path, 
         [str(zipapp), "serve", "--port", "0", "--specs-dir", str(specs_dir),
          "--datapath", str(tmp_path / "data"), "--db-path", str(tmp_path / "db")],
         capture_output=True, text=True, timeout=60,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SHIV_ROOT": str(tmp_path / "s")})
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SHIV_ROOT": str(tmp_path / "s"),
+             "JOBD_ALLOW_ROOT": "true"})
     assert result.returncode == 2
     assert "broken job spec" in result.stderr and where in result.stderr
 

@@ -215,9 +215,11 @@ class JobManager:
             for group in self.cgroups.stale():
                 log.warning("killing what is left in %s (from a previous run)", group.path)
                 await group.remove()
-        if not any(self.store.ids_with_status(s) for s in job.ACTIVE):
-            return  # a clean stop leaves nothing running
-        pids = await asyncio.to_thread(leftover_processes, self.data.root)
+        local = {i for s in job.ACTIVE for i in self.store.ids_with_status(s)
+                 if (self.store.get(i) or {}).get("executor", "local") == "local"}
+        if not local:
+            return  # a clean stop leaves nothing running; Slurm jobs are re-attached
+        pids = await asyncio.to_thread(leftover_processes, self.data.root, Path("/proc"), local)
         if not pids:
             return
         log.warning("killing %d process(es) left by jobs of a previous run: %s", len(pids),

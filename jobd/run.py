@@ -350,12 +350,14 @@ def _abort(popen: subprocess.Popen) -> None:
         return
 
 
-def leftover_processes(workdirs_under: Path, proc: Path = Path("/proc")) -> list[int]:
+def leftover_processes(workdirs_under: Path, proc: Path = Path("/proc"),
+                       only: set[str] | None = None) -> list[int]:
     """Processes started by jobs under `workdirs_under` (their JOBD_WORKDIR says so).
 
     After a crash of jobd alone (not of the whole container), jobs it started may still run;
     they must die before their jobs are requeued, or a job would run twice at once. A process
-    that replaced its whole environment is not found this way (a cgroup finds it).
+    that replaced its whole environment is not found this way (a cgroup finds it). `only`
+    limits the search to those job ids (Slurm jobs on this node are not ours to kill).
     """
     marker = f"JOBD_WORKDIR={workdirs_under.resolve()}/".encode()
     found = []
@@ -369,6 +371,10 @@ def leftover_processes(workdirs_under: Path, proc: Path = Path("/proc")) -> list
                     environ = handle.read()
             except OSError:
                 continue  # exited, a kernel thread, or not ours to read
-            if any(item.startswith(marker) for item in environ.split(b"\0")):
-                found.append(int(entry.name))
+            for item in environ.split(b"\0"):
+                if item.startswith(marker):
+                    job_id = item[len(marker):].split(b"/", 1)[0].decode(errors="replace")
+                    if only is None or job_id in only:
+                        found.append(int(entry.name))
+                    break
     return found

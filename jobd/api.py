@@ -180,12 +180,7 @@ async def create_multipart(request: Request) -> Response:
     form_dir = manager.data.new_incoming(suffix=".form")
     input_zip = manager.data.new_incoming()
     try:
-        try:
-            form = await multipart.receive_form(request, form_dir, max_body=config.max_body)
-        except multipart.BodyTooLarge as exc:
-            return problem(413, str(exc))
-        except multipart.MultipartError as exc:
-            return problem(400, f"malformed multipart body: {exc}")
+        form = await _form(request, form_dir, config.max_body)
         try:
             asked = parse_request(from_form(form.fields), executors=manager.executors())
         except OptionError as exc:
@@ -199,6 +194,16 @@ async def create_multipart(request: Request) -> Response:
         return await _store_job(manager, asked, input_zip, auth.client_of(request))
     finally:
         await asyncio.to_thread(_remove_paths, form_dir, input_zip)
+
+
+async def _form(request: Request, form_dir: Path, max_body: int) -> multipart.Form:
+    """The multipart body, files on disk under `form_dir`; its faults are the client's."""
+    try:
+        return await multipart.receive_form(request, form_dir, max_body=max_body)
+    except multipart.BodyTooLarge as exc:
+        raise ApiError(413, str(exc)) from None
+    except multipart.MultipartError as exc:
+        raise ApiError(400, f"malformed multipart body: {exc}") from None
 
 
 def _remove_paths(*paths: Path) -> None:
@@ -555,12 +560,7 @@ async def create_from_spec(request: Request) -> Response:
     try:
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media == "multipart/form-data":
-            try:
-                form = await multipart.receive_form(request, form_dir, max_body=config.max_body)
-            except multipart.BodyTooLarge as exc:
-                return problem(413, str(exc))
-            except multipart.MultipartError as exc:
-                return problem(400, f"malformed multipart body: {exc}")
+            form = await _form(request, form_dir, config.max_body)
             fields = _spec_form_fields(form.fields)
             if form.files:
                 await _build_zip(multipart.build_input_zip, form, incoming,

@@ -24,7 +24,7 @@ from starlette.routing import Route
 
 from jobd import archive, artifacts, auth, download, job, logs, multipart, pack
 from jobd.classic import BodyTooLarge, receive_upload
-from jobd.manager import Conflict, JobManager, Locked, NotFound
+from jobd.manager import Conflict, JobManager, Locked, NotFound, parse_wait
 from jobd.options import (
     DEFAULT_ENTRY,
     JobRequest,
@@ -220,8 +220,7 @@ async def create_json(request: Request) -> Response:
     incoming = manager.data.new_incoming()
     try:
         try:
-            fields, scanner = await receive_upload(request, incoming, config.max_body,
-                                                   config.fsync)
+            fields, scanner = await receive_upload(request, incoming, config.max_body)
         except UploadError as exc:
             message = str(exc)
             if message.startswith(_READING):
@@ -249,7 +248,7 @@ async def _store_job(manager: JobManager, asked: JobRequest, upload: Path,
     if manager.exists(job_id):
         return problem(409, f"job {job_id} already exists")
     try:
-        await asyncio.to_thread(archive.check_zip, upload, manager.limits, asked.entry)
+        await manager.check_input(upload, asked.entry)
     except archive.ArchiveError as exc:
         return problem(400, str(exc))
     try:
@@ -301,9 +300,18 @@ async def list_jobs(request: Request) -> Response:
 
 @endpoint
 async def get_job(request: Request) -> Response:
-    """GET /api/v1/jobs/{id}."""
-    _check_query(request, ())
-    return JSONResponse(job_view(_record(request)))
+    """GET /api/v1/jobs/{id}; `?wait=SECONDS` answers once the job is finished or that time
+    has passed (a long poll)."""
+    _check_query(request, ("wait",))
+    try:
+        wait = parse_wait(request.query_params.get("wait"))
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
+    record = _record(request)
+    if wait and not job.is_terminal(record["status"]):
+        await _manager(request).wait_result(record["id"], wait)
+        record = _record(request)
+    return JSONResponse(job_view(record))
 
 
 @endpoint
@@ -567,8 +575,7 @@ async def create_from_spec(request: Request) -> Response:
                                  limits=manager.limits, required=None, fsync=config.fsync)
         else:
             try:
-                fields, scanner = await receive_upload(request, incoming, config.max_body,
-                                                       config.fsync)
+                fields, scanner = await receive_upload(request, incoming, config.max_body)
             except UploadError as exc:
                 return problem(400, str(exc).replace(_READING, "the body is not a JSON object: "))
             except BodyTooLarge:

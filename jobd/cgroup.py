@@ -38,6 +38,10 @@ _OPTIONAL = frozenset({"memory.swap.max", "memory.oom.group"})
 DAEMON_LEAF = "jobd-daemon"  # where jobd moves itself so its cgroup can hand out controllers
 
 
+# The files that limit a job (the others only shape how it is accounted or killed).
+_LIMITS = frozenset({"memory.max", "cpu.max", "pids.max", "io.max"})
+
+
 class CgroupError(RuntimeError):
     """A cgroup could not be created or configured."""
 
@@ -103,6 +107,9 @@ class JobCgroup:
     def __init__(self, path: Path, has_kill: bool) -> None:
         self.path = path
         self._has_kill = has_kill
+        # Limits written (memory.max, cpu.max, pids.max, io.max): the job must be inside
+        # before it runs. Without, the cgroup serves containment only (see run.py's gate).
+        self.limited = False
 
     def add(self, pid: int) -> None:
         _write(self.path / "cgroup.procs", str(pid))
@@ -269,6 +276,8 @@ class CgroupTree:
                 _write(group.path / name, value)
             except OSError as exc:
                 log.warning("job %s: cannot set %s to %r: %s", job_id, name, value, exc)
+            else:
+                group.limited = group.limited or name in _LIMITS
         return group
 
     def _settings(self, limits: Limits) -> list[tuple[str, str]]:

@@ -7,10 +7,8 @@ terminal status. Uploads stream to disk and results stream from disk, so memory 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,7 @@ from starlette.routing import Route
 
 from jobd import archive, auth, job, limits, pack
 from jobd.limits import BodyTooLarge
-from jobd.manager import InvalidOptions, JobManager, Locked, NotFound, Rejected
+from jobd.manager import InvalidOptions, JobManager, Locked, NotFound, Rejected, parse_wait
 from jobd.store import JobExists
 from jobd.upload import ClassicBodyScanner, UploadError
 
@@ -119,21 +117,18 @@ def result_response(record: dict[str, Any], result: Path, status: int) -> Respon
                              headers={"Content-Length": str(length)})
 
 
-async def receive_upload(request: Request, dest: Path, max_body: int,
-                         fsync: bool) -> tuple[dict[str, Any], ClassicBodyScanner]:
+async def receive_upload(request: Request, dest: Path,
+                         max_body: int) -> tuple[dict[str, Any], ClassicBodyScanner]:
     """Scan the JSON body, streaming `input`'s base64 into `dest` as raw bytes.
 
     The body is read through `limits.body`: BodyTooLarge past `max_body`, BodyTimeout for a
-    client that sends too slowly.
+    client that sends too slowly. Not synced: `JobManager.create` syncs the input it keeps.
     """
     with open(dest, "wb") as sink:
         scanner = ClassicBodyScanner(sink)
         async for chunk in limits.body(request, max_body):
             scanner.feed(chunk)
         fields = scanner.finish()
-        if fsync:
-            sink.flush()
-            await asyncio.to_thread(os.fsync, sink.fileno())
     return fields, scanner
 
 
@@ -150,8 +145,7 @@ async def upload(request: Request) -> Response:
     incoming = manager.data.new_incoming()
     try:
         try:
-            fields, scanner = await receive_upload(request, incoming, config.max_body,
-                                                   config.fsync)
+            fields, scanner = await receive_upload(request, incoming, config.max_body)
         except UploadError as exc:
             message = str(exc)
             if not message.startswith("error reading job"):  # the JSON was fine, the input not
@@ -181,7 +175,7 @@ async def upload(request: Request) -> Response:
         if not scanner.found_input or scanner.input_size == 0:
             return bad_request("error validating job input is required")
         try:
-            await asyncio.to_thread(archive.check_zip, incoming, manager.limits)
+            await manager.check_input(incoming)
         except archive.ArchiveError as exc:
             return bad_request(f"error validating job {exc}")
         executor = "slurm" if slurml else config.executor
@@ -203,9 +197,19 @@ async def upload(request: Request) -> Response:
 
 
 async def get(request: Request) -> Response:
+    """The classic poll; `?wait=SECONDS` (an extension) holds the answer until the job is
+    finished or that time has passed, so a client need not poll in a tight loop."""
     manager: JobManager = request.app.state.manager
     try:
-        record = manager.get(request.path_params["id"], auth.client_of(request))
+        wait = parse_wait(request.query_params.get("wait"))
+    except ValueError as exc:
+        return bad_request(str(exc))
+    client = auth.client_of(request)
+    try:
+        record = manager.get(request.path_params["id"], client)
+        if wait and not job.is_terminal(record["status"]):
+            await manager.wait_result(record["id"], wait)
+            record = manager.get(record["id"], client)
     except NotFound:
         return error(404, "not_found", "job not found")
     if not job.is_terminal(record["status"]):

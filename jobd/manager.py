@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import signal
+import stat
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -109,6 +110,11 @@ class InvalidOptions(Rejected, ValueError):
 _ON_DEMAND_SWEEP_GAP = 10.0
 # Seconds a leftover process of a crashed daemon's job gets to die before jobd goes on.
 _LEFTOVER_WAIT = 5.0
+# Inputs up to this size are unpacked on the event loop: even at deflate's maximal ratio they
+# write a few MiB, less time than handing the work to a thread and back.
+SMALL_INPUT = 4096
+# The longest a long poll (`GET ...?wait=SECONDS`) holds its request.
+MAX_WAIT = 300.0
 
 
 class JobManager:
@@ -135,6 +141,7 @@ class JobManager:
         self.cgroups: CgroupTree | None = None
         self.disk = DiskGuard(config.datapath, *config.min_free)
         self._uids: dict[str, int] = {}
+        self._base_env: dict[str, str] | None = None  # see _environment
         self._mean_run = 5.0  # seconds, moving average: the Retry-After estimate
         self._sweep_task: asyncio.Task[None] | None = None
         self._last_demand_sweep = -math.inf
@@ -188,6 +195,9 @@ class JobManager:
 
     async def _stop(self) -> None:
         self._stopping = True
+        for event in self._finished.values():  # long polls end now (they check _stopping)
+            event.set()
+        self._finished.clear()
         await self.scheduler.stop()
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -235,6 +245,16 @@ class JobManager:
 
     def _recover(self) -> None:
         """Jobs that were running when the daemon died go back to the queue."""
+        for status in (job.QUEUED, *job.ACTIVE):
+            for job_id in self.store.ids_with_status(status):
+                record = self.store.get(job_id)
+                if record is not None and record.get("executor", "local") == "local" \
+                        and not self.files(job_id).input.exists():
+                    # An acknowledged job's input is on disk (`create` waits for it): this
+                    # one was being stored when jobd died, and its client got no answer.
+                    log.warning("job %s: removed, its input never reached the disk (jobd "
+                                "stopped while storing it, before acknowledging it)", job_id)
+                    self.store.delete(job_id)
         for status in job.ACTIVE:
             for job_id in self.store.ids_with_status(status):
                 record = self.store.get(job_id)
@@ -332,18 +352,35 @@ class JobManager:
         try:
             files = self.files(job_id)
             size = upload.stat().st_size
-            await asyncio.to_thread(self._place_input, upload, files)
+            if files.root.exists():  # a directory without a record, left by a crash
+                await asyncio.to_thread(_remove, files.root)
+            files.root.mkdir(mode=0o700, parents=True)
+            os.replace(upload, files.input)
             record = job.new_record(job_id, protocol=protocol, executor=executor,
                                     priority=priority, labels=labels, options=options,
                                     input_size=size, owner=owner)
             if secret is not None:
                 record["secret_hash"] = auth.hash_secret(secret)
-            record = self.store.add(record)
+            record = self.store.add(record, durable=False)
         finally:
             self._reserved.discard(job_id)
         log.info("job %s created (%s, %d bytes)", job_id, protocol, size)
+        # The job may start while its input and record go to disk: the answer waits for
+        # both, the job need not. A crash before they are on disk leaves a record without
+        # input, which the next start removes (`_recover`): that job was never acknowledged.
         self.scheduler.submit(record)
+        if self.config.fsync:
+            await asyncio.gather(self.store.commit(),
+                                 asyncio.to_thread(_fsync_input, files, self.data.root))
         return record
+
+    async def check_input(self, upload: Path, entry: str | None = "run.sh") -> None:
+        """archive.check_zip within this daemon's limits: on the event loop for a small
+        upload, in a worker thread otherwise. ArchiveError says what is wrong."""
+        if upload.stat().st_size <= SMALL_INPUT:
+            archive.check_zip(upload, self.limits, entry)
+        else:
+            await asyncio.to_thread(archive.check_zip, upload, self.limits, entry)
 
     def executors(self) -> tuple[str, ...]:
         """The executors jobs may choose, the default first."""
@@ -360,15 +397,6 @@ class JobManager:
             self.slurm.check_options(options)
         elif executor != "local":
             raise ExecutorUnavailable(f"unknown executor {executor!r}: local or slurm")
-
-    def _place_input(self, upload: Path, files: JobFiles) -> None:
-        if files.root.exists():
-            _remove(files.root)  # a directory without a record: left by a crash
-        files.root.mkdir(mode=0o700, parents=True)
-        os.replace(upload, files.input)
-        if self.config.fsync:
-            fsync_dir(files.root)
-            fsync_dir(self.data.root)
 
     async def create_invalid(self, job_id: str, reason: str, *, protocol: str,
                              options: dict[str, Any] | None = None,
@@ -477,10 +505,13 @@ class JobManager:
         self._notify_finished(job_id)
         log.info("job %s deleted", job_id)
 
-    async def wait_finished(self, job_id: str, timeout: float | None = None) -> bool:
+    async def wait_finished(self, job_id: str, timeout: float | None = None, *,
+                            until_stop: bool = False) -> bool:
         """Until the job is no longer queued or running (for cancel and live logs).
 
-        With `timeout`, returns False when it passed first. Deleted jobs count as finished.
+        With `timeout`, returns False when it passed first; with `until_stop`, also when jobd
+        begins to stop (a long poll must not hold the shutdown). Deleted jobs count as
+        finished.
         """
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -488,6 +519,8 @@ class JobManager:
             record = self.store.get(job_id)
             if record is None or job.is_terminal(record["status"]):
                 return True
+            if until_stop and self._stopping:
+                return False
             event = self._finished.setdefault(job_id, asyncio.Event())
             if deadline is None:
                 await event.wait()
@@ -499,6 +532,12 @@ class JobManager:
                 await asyncio.wait_for(event.wait(), remaining)
             except asyncio.TimeoutError:
                 return False
+
+    async def wait_result(self, job_id: str, seconds: float) -> None:
+        """A long poll (`?wait=`): until the job is finished, `seconds` pass, or jobd begins
+        to stop. The client then reads the job as usual: no busy polling meanwhile."""
+        if seconds > 0:
+            await self.wait_finished(job_id, seconds, until_stop=True)
 
     def _notify_finished(self, job_id: str) -> None:
         """Wake whoever waits for this job to end (it did, or it is gone)."""
@@ -568,19 +607,25 @@ class JobManager:
         except OSError as exc:
             log.error("job %s: packing the result failed: %s", record["id"], exc)
             changes.update(status=job.FAILED, message=f"could not pack the result: {exc}")
-        self._move(record, changes, durable=True)
+        self._move(record, changes, durable=False)
+        await self.store.commit()  # shares its fsync with every job ending meanwhile
 
     def _environment(self, record: dict[str, Any], files: JobFiles) -> dict[str, str]:
         """The job's clean environment (the same for every executor): the minimal set, the
         allowed daemon variables (JOBD_PASS_ENV and a spec's own list), its parameters."""
         options = record.get("options") or {}
-        passed = (*self.config.pass_env, *(options.get("pass_env") or ()))
-        return job_environment(os.environ, passed, {
-            **param_environment(options.get("params") or {}),
-            "JOBD_JOB_ID": record["id"], "JOBD_WORKDIR": str(files.work.resolve()),
-            "HOME": str(files.home.resolve()), "TMPDIR": str(files.tmp.resolve()),
-            "JOBD_ARTIFACTS_DIR": str((files.work / artifacts.DIRECTORY).resolve()),
-        })
+        if options.get("pass_env"):
+            passed = (*self.config.pass_env, *options["pass_env"])
+            base = job_environment(os.environ, passed, {})
+        else:  # the same for every job: computed once (jobd's environment does not change)
+            if self._base_env is None:
+                self._base_env = job_environment(os.environ, self.config.pass_env, {})
+            base = self._base_env
+        root = files.root.resolve()  # once: each resolve() is a syscall per path component
+        return {**base, **param_environment(options.get("params") or {}),
+                "JOBD_JOB_ID": record["id"], "JOBD_WORKDIR": str(root / "work"),
+                "HOME": str(root / "home"), "TMPDIR": str(root / "tmp"),
+                "JOBD_ARTIFACTS_DIR": str(root / "work" / artifacts.DIRECTORY)}
 
     @staticmethod
     def _command(record: dict[str, Any], files: JobFiles, env: dict[str, str]) -> list[str]:
@@ -599,7 +644,7 @@ class JobManager:
         finally:
             self._uids.pop(job_id, None)
             try:
-                await asyncio.to_thread(self.users.take_back, files)
+                self.users.take_back(files)
             except OSError as exc:
                 log.error("job %s: cannot close its directory: %s", job_id, exc)
 
@@ -614,7 +659,10 @@ class JobManager:
             identity = self.users.assign(int(record.get("seq") or 0), set(self._uids.values()))
             if identity is not None:
                 self._uids[job_id] = identity.uid
-            await asyncio.to_thread(self._prepare, record, files, identity)
+            if int(record.get("input_size") or 0) <= SMALL_INPUT:
+                self._prepare(record, files, identity)  # less than a thread hop costs
+            else:
+                await asyncio.to_thread(self._prepare, record, files, identity)
             if job_id in self._cancel_requested:
                 return Outcome(None, None, "cancelled")
             if self._stopping:
@@ -626,7 +674,7 @@ class JobManager:
                     cgroup = self.cgroups.create(job_id, limits)
                 except CgroupError as exc:
                     log.error("job %s: runs without a cgroup: %s", job_id, exc)
-            process = self.executor.start(argv, cwd=files.work, log_path=files.log, env=env,
+            process = await self.executor.start(argv, cwd=files.work, log_path=files.log, env=env,
                                           identity=identity, limits=limits, cgroup=cgroup)
         except archive.ArchiveError as exc:
             return await _cleanup(cgroup, f"could not unpack the input: {exc}")
@@ -880,6 +928,19 @@ class JobManager:
             await asyncio.sleep(self.config.retention_interval)
 
 
+def parse_wait(text: str | None) -> float:
+    """The `wait` query parameter of a long poll: seconds, 0 to MAX_WAIT (ValueError)."""
+    if text is None:
+        return 0.0
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ValueError(f"wait must be a number of seconds, not {text!r}") from None
+    if not 0 <= seconds <= MAX_WAIT:  # also refuses nan
+        raise ValueError(f"wait must be between 0 and {MAX_WAIT:g} seconds, not {text}")
+    return seconds
+
+
 def _timeout(value: Any, default: float) -> float:
     """A job's `timeout` option (seconds, or a duration such as "5m"); ValueError if bad."""
     if value is None:
@@ -912,11 +973,27 @@ async def _cleanup(cgroup: JobCgroup | None, reason: str) -> Outcome:
     return Outcome(None, None, reason)
 
 
+def _fsync_input(files: JobFiles, data_root: Path) -> None:
+    """A new job's input on disk: its bytes, its name, its directory's name."""
+    fd = os.open(files.input, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(files.root)
+    fsync_dir(data_root)
+
+
 def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
+    """Remove a file, link or directory tree; nothing if there is none (one lstat)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(mode):
         shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+    else:
+        os.unlink(path)
 
 
 def _remove_all(*paths: Path) -> None:

@@ -54,6 +54,13 @@ def job_id_param() -> dict[str, Any]:
             "schema": {"type": "string", "pattern": ID_PATTERN}, "example": "fold-42"}
 
 
+def wait_param() -> dict[str, Any]:
+    return {"name": "wait", "in": "query", "description": "A long poll: hold the answer until "
+            "the job is finished, at most this many seconds (or until jobd begins to stop), "
+            "instead of polling in a loop.",
+            "schema": {"type": "number", "minimum": 0, "maximum": 300}, "example": 30}
+
+
 def no_query_note() -> str:
     return "Unknown query parameters are a 400."
 
@@ -436,7 +443,7 @@ LIST = {
 GET = {
     "tags": ["jobs"], "operationId": "getJob", "summary": "Inspect a job",
     "description": no_query_note(),
-    "parameters": [job_id_param()],
+    "parameters": [job_id_param(), wait_param()],
     "responses": {"200": {"description": "The job.",
                           "content": json_content(ref("Job"), FINISHED_EXAMPLE)},
                   "400": BAD_QUERY, "404": NOT_FOUND},
@@ -821,7 +828,8 @@ CLASSIC_UPLOAD = {
 
 CLASSIC_GET = {
     "tags": ["classic"], "operationId": "classicGet", "summary": "Classic jobd result",
-    "parameters": [job_id_param()],
+    "description": "`wait` is an extension of this jobd; classic clients poll without it.",
+    "parameters": [job_id_param(), wait_param()],
     "responses": {
         "200": {"description": "Finished (any final status): the record with `Output`, the "
                                "base64 of the result zip.",
@@ -830,6 +838,8 @@ CLASSIC_GET = {
                     "Status": "SUCCESS", "Path": "", "Input": "", "Output": "UEsDBBQAAAAIAA...",
                     "Message": "job finished successfully", "SlurmID": 0, "Slurml": False})},
         "202": error("Queued or running.", 202, "job not ready", schema="ClassicError"),
+        "400": error("A bad `wait`.", 400, "wait must be between 0 and 300 seconds, not 900",
+                     schema="ClassicError"),
         "404": error("Unknown id.", 404, "job not found", schema="ClassicError"),
     },
 }

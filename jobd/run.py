@@ -14,8 +14,15 @@ spawned as `/bin/sh -c 'read _ || exit 111; exec "$@" </dev/null' <argv>`: what 
 child before that is C code in `_posixsubprocess` (new session, setgroups, setgid, setuid,
 chdir); the shell waits on its stdin pipe while the parent moves it into the job's cgroup and
 sets its rlimits with `prlimit`; then the parent writes one line and the shell execs the job in
-the same process. No window, ~1 ms. If jobd cannot finish the setup it closes the pipe without
-writing and kills the child: the job never runs unconfined.
+the same process. No window. If jobd cannot finish the setup it closes the pipe without writing and
+kills the child: the job never runs unconfined. The gate holds a job only when there is
+something to apply: rlimits, or cgroup limits. Moving a process into a cgroup takes the kernel's
+global cgroup_threadgroup_rwsem for writing, which waits for an RCU grace period (10 to 15 ms
+here; CLONE_INTO_CGROUP would avoid it, but Python's subprocess cannot use it), so it runs in a
+worker thread, never on the event loop. A job with no limits starts without the gate (one exec
+less) and joins its cgroup in the background: a process it forks in those first milliseconds
+stays outside the cgroup but in its process group, with its marker (below), and is killed
+with it all the same. The cgroup then serves containment only, which is all it can do there.
 
 One exception: the kernel lets `prlimit` reach a process of another uid only with
 CAP_SYS_RESOURCE, which Docker drops by default. A job switched to another uid by a jobd without
@@ -32,6 +39,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +59,10 @@ GATE_SHELL = "/bin/sh"
 _CAP_SYS_RESOURCE = 24
 # The shell adds PWD (and OLDPWD) to what it passes on; the job's environment stays as given.
 GATE = 'unset PWD OLDPWD; read _ || exit 111; exec "$@" </dev/null'
+
+# A job younger than this has its leftovers looked for among the pids allocated since it
+# started (`created_since`), not in all of /proc.
+_SHORT_JOB = 1.0
 
 # Interpreters for entry points without a shebang, by extension.
 INTERPRETERS = {".py": "python3", ".sh": "bash", ".r": "Rscript", ".js": "node"}
@@ -175,13 +187,16 @@ class LocalProcess:
     """
 
     def __init__(self, popen: subprocess.Popen, exited: asyncio.Future[int],
-                 cgroup: JobCgroup | None = None, marker: bytes | None = None) -> None:
+                 cgroup: JobCgroup | None = None, marker: bytes | None = None,
+                 joining: asyncio.Future[None] | None = None) -> None:
         self.pid = popen.pid
         self.cgroup = cgroup
         self._popen = popen
         self._exited = exited
         self._reason: str | None = None
         self._marker = marker
+        self._joining = joining  # the move into the cgroup of a job started without the gate
+        self._started = time.monotonic()
 
     async def wait(self) -> Outcome:
         """Until the job's first process exits; then what is left of the job is killed."""
@@ -189,6 +204,8 @@ class LocalProcess:
         code, signum = exit_status(status)
         # Tell Popen the child is gone, so it never waitpid()s a recycled pid later.
         self._popen.returncode = code if code is not None else -(signum or 0)
+        if self._joining is not None:
+            await self._joining
         await self._kill_all(signal.SIGKILL)  # leftovers of the job die with it
         oom_kills = 0
         if self.cgroup is not None:
@@ -213,7 +230,11 @@ class LocalProcess:
 
     async def _kill_all(self, signum: int) -> None:
         self._kill(signum)
-        if self._marker is not None:
+        if self._marker is None:
+            return
+        if time.monotonic() - self._started < _SHORT_JOB:  # few pids to look at: no thread hop
+            kill_marked(self._marker, signum, since=self.pid)
+        else:
             await asyncio.to_thread(kill_marked, self._marker, signum)
 
     def _kill(self, signum: int) -> None:
@@ -242,13 +263,56 @@ def can_prlimit_others(status: Path = Path("/proc/self/status")) -> bool:
     return False
 
 
-def marked_processes(marker: bytes) -> list[int]:
-    """Pids of live processes whose environment holds `marker` (a `NAME=value` entry)."""
+def _pid_max() -> int:
+    try:
+        with open("/proc/sys/kernel/pid_max", "rb") as handle:
+            return int(handle.read())
+    except (OSError, ValueError):
+        return 4_194_304  # the kernel's ceiling; only makes the window test looser
+
+
+_PID_MAX = _pid_max()
+
+
+def _last_pid() -> int | None:
+    """The pid the kernel allocated last (the last field of /proc/loadavg)."""
+    try:
+        with open("/proc/loadavg", "rb") as handle:
+            return int(handle.read().split()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def created_since(first: int, proc: str = "/proc") -> list[int] | None:
+    """Pids allocated from `first` on, among live processes; None when unknown.
+
+    The kernel hands out pids cyclically up to pid_max, so the processes a job started
+    since its first process `first` are those in the cyclic range from `first` to the pid
+    allocated last. Only valid while the counter cannot have gone round since then, which
+    `_SHORT_JOB` ensures (no machine forks pid_max processes in that time).
+    """
+    last = _last_pid()
+    if last is None:
+        return None
+    span = (last - first) % _PID_MAX
+    return [pid for pid in map(int, filter(str.isdigit, os.listdir(proc)))
+            if (pid - first) % _PID_MAX <= span]
+
+
+def marked_processes(marker: bytes, since: int | None = None) -> list[int]:
+    """Pids of live processes whose environment holds `marker` (a `NAME=value` entry).
+
+    With `since` (a pid), only processes created after it are read (`created_since`).
+    """
     found = []
     own = os.getpid()
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == own:
+    pids = created_since(since) if since is not None else None
+    if pids is None:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    for pid in pids:
+        if pid == own:
             continue
+        name = str(pid)
         try:
             with open(f"/proc/{name}/environ", "rb") as handle:
                 environ = handle.read()
@@ -259,11 +323,12 @@ def marked_processes(marker: bytes) -> list[int]:
     return found
 
 
-def kill_marked(marker: bytes, signum: int, rounds: int = 3) -> int:
-    """Signal every process carrying `marker`; repeated, since one may fork meanwhile."""
+def kill_marked(marker: bytes, signum: int, rounds: int = 3, since: int | None = None) -> int:
+    """Signal every process carrying `marker`; repeated, since one may fork meanwhile.
+    `since`: see `marked_processes`."""
     total = 0
     for _ in range(rounds):
-        pids = marked_processes(marker)
+        pids = marked_processes(marker, since)
         for pid in pids:
             try:
                 os.kill(pid, signum)
@@ -289,23 +354,29 @@ class LocalExecutor:
         self._reaper = reaper
         self._prlimit_others = can_prlimit_others()
 
-    def start(self, argv: Sequence[str], *, cwd: Path, log_path: Path,
-              env: Mapping[str, str], identity: Identity | None = None,
-              limits: Limits | None = None, cgroup: JobCgroup | None = None) -> LocalProcess:
+    async def start(self, argv: Sequence[str], *, cwd: Path, log_path: Path,
+                    env: Mapping[str, str], identity: Identity | None = None,
+                    limits: Limits | None = None, cgroup: JobCgroup | None = None
+                    ) -> LocalProcess:
         """Start `argv` in a new session, as `identity`, within `limits` and `cgroup`, with
         stdout and stderr appended to `log_path` (see the start gate above)."""
         check_program(argv, env, cwd)
         switching = identity is not None and identity.uid != os.geteuid()
         preexec = None
+        if limits is not None and not limits.rlimits():
+            limits = None
         if limits is not None and switching and not self._prlimit_others:
             preexec = limits.in_child()
             limits = None  # the child sets them itself
+        gated = limits is not None or (cgroup is not None and cgroup.limited)
+        command = [GATE_SHELL, "-c", GATE, "jobd-gate", *argv] if gated else list(argv)
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         try:
             popen = subprocess.Popen(
-                [GATE_SHELL, "-c", GATE, "jobd-gate", *argv], cwd=cwd, env=dict(env),
-                stdin=subprocess.PIPE, stdout=log_fd, stderr=log_fd, start_new_session=True,
-                close_fds=True, preexec_fn=preexec,  # noqa: PLW1509 - the one exception above
+                command, cwd=cwd, env=dict(env),
+                stdin=subprocess.PIPE if gated else subprocess.DEVNULL, stdout=log_fd,
+                stderr=log_fd, start_new_session=True, close_fds=True,
+                preexec_fn=preexec,  # noqa: PLW1509 - the one exception above
                 **(identity.popen_args() if identity else {}),
             )
         except FileNotFoundError as exc:
@@ -320,21 +391,50 @@ class LocalExecutor:
         finally:
             os.close(log_fd)
         exited = self._reaper.watch(popen.pid)
-        assert popen.stdin is not None
-        try:
-            if cgroup is not None:
-                cgroup.add(popen.pid)
-            if limits is not None:
-                limits.apply(popen.pid)
-            popen.stdin.write(b"go\n")
-            popen.stdin.close()
-        except (OSError, CgroupError) as exc:
-            _abort(popen)
-            raise StartError(f"could not confine {argv[0]}: {exc}") from exc
+        joining = None
+        if gated:
+            await _open_gate(popen, argv[0], limits, cgroup)
+        elif cgroup is not None:
+            joining = asyncio.ensure_future(asyncio.to_thread(_join, cgroup, popen.pid, exited))
         marker = None
         if env.get("JOBD_WORKDIR"):
             marker = f"JOBD_WORKDIR={env['JOBD_WORKDIR']}".encode("utf-8", "surrogateescape")
-        return LocalProcess(popen, exited, cgroup, marker)
+        return LocalProcess(popen, exited, cgroup, marker, joining)
+
+
+async def _open_gate(popen: subprocess.Popen, program: str, limits: Limits | None,
+                     cgroup: JobCgroup | None) -> None:
+    """Confine the gated child, then let it exec the job; on any failure it never runs."""
+    assert popen.stdin is not None
+    try:
+        if cgroup is not None:
+            await asyncio.to_thread(cgroup.add, popen.pid)
+        if limits is not None:
+            limits.apply(popen.pid)
+        popen.stdin.write(b"go\n")
+        popen.stdin.close()
+    except (OSError, CgroupError) as exc:
+        _abort(popen)
+        raise StartError(f"could not confine {program}: {exc}") from exc
+    except BaseException:  # cancelled meanwhile: the job must not run unconfined either
+        _abort(popen)
+        raise
+
+
+def _join(cgroup: JobCgroup, pid: int, exited: asyncio.Future[int]) -> None:
+    """Move a job started without the gate into its cgroup (in a worker thread).
+
+    The pid cannot belong to another process yet: pids are allocated cyclically up to
+    pid_max, and the job's exit is checked first.
+    """
+    if exited.done():
+        return
+    try:
+        cgroup.add(pid)
+    except (OSError, CgroupError) as exc:
+        if isinstance(exc, ProcessLookupError) or exited.done():
+            return  # it ended meanwhile
+        log.warning("job process %d runs outside its cgroup %s: %s", pid, cgroup.path, exc)
 
 
 def _abort(popen: subprocess.Popen) -> None:

@@ -102,6 +102,7 @@ class JobStore:
         try:
             self._db = JournalDB(str(self.path / DB_FILE), storage=JournalStorage, fsync=fsync)
             self._table: JournalTable = self._db.table(TABLE)  # type: ignore[assignment]
+            self._storage: JournalStorage = self._db.storage  # type: ignore[assignment]
             self._build_indexes()
         except BaseException:
             self.close()
@@ -179,8 +180,9 @@ class JobStore:
 
     # -- records ---------------------------------------------------------------------------
 
-    def add(self, record: dict) -> dict:
-        """Store a new record with the next seq; on disk (fsync) when this returns."""
+    def add(self, record: dict, *, durable: bool = True) -> dict:
+        """Store a new record with the next seq; on disk (fsync) when this returns, or with
+        ``durable=False`` once ``await commit()`` returns."""
         job_id, status = record.get("id"), record.get("status")
         if not isinstance(job_id, str) or not isinstance(status, str):
             raise ValueError("a job record needs a str 'id' and a str 'status'")
@@ -188,7 +190,8 @@ class JobStore:
             raise JobExists(job_id)
         doc = _clone(record)
         doc["seq"] = seq = self._next_seq
-        self._table.insert(Document(doc, doc_id=job_id))
+        with self._table.durability(durable):
+            self._table.insert(Document(doc, doc_id=job_id))
         self._next_seq += 1
         self._id_of[seq] = job_id
         self._index(status, seq)
@@ -225,6 +228,11 @@ class JobStore:
             self._unindex(old_status, seq)
             self._index(new_status, seq)
         return _clone(self._docs()[job_id])
+
+    async def commit(self) -> None:
+        """Until every write so far is on disk; concurrent callers share one fsync, run in a
+        worker thread (group commit, see storage.py). StoreError if the fsync fails."""
+        await self._storage.commit()
 
     def delete(self, job_id: str) -> None:
         """Remove the record (durably); KeyError if there is none."""

@@ -60,6 +60,29 @@ def open_gate(daemon: Daemon, job_id: str) -> None:
     (daemon.datapath / job_id / "work" / "gate").write_text("go")
 
 
+def test_get_with_wait_is_a_long_poll(daemon: Daemon) -> None:
+    created(daemon, {"run.sh": GATE_WAIT + "echo done\n"}, id="lp")
+    started = time.monotonic()
+    assert get_waiting(daemon, "lp", "0.4")["status"] in ("QUEUED", "RUNNING")
+    assert time.monotonic() - started >= 0.35
+    open_gate_when_running(daemon, "lp")
+    assert get_waiting(daemon, "lp", "30")["status"] == "SUCCESS"
+    response = daemon.client.get("/api/v1/jobs/lp", params={"wait": "1e9"})
+    assert response.status_code == 400
+    assert "wait must be between 0 and 300" in response.json()["message"]
+
+
+def get_waiting(daemon: Daemon, job_id: str, wait: str) -> dict[str, Any]:
+    response = daemon.client.get(f"/api/v1/jobs/{job_id}", params={"wait": wait})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def open_gate_when_running(daemon: Daemon, job_id: str) -> None:
+    wait_status(daemon, job_id, ("RUNNING",))
+    open_gate(daemon, job_id)
+
+
 def log_of(daemon: Daemon, job_id: str) -> str:
     response = daemon.client.get(f"/api/v1/jobs/{job_id}/logs")
     assert response.status_code == 200

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,46 @@ def test_running_job_answers_202_then_200(daemon: Daemon, tmp_path: Path) -> Non
     assert response.json() == {"error": "no_content", "message": "job not ready", "status": 202}
     gate.touch()
     assert daemon.wait_done("slow").status_code == 200
+
+
+def test_wait_holds_the_answer_until_the_job_is_done(daemon: Daemon, tmp_path: Path) -> None:
+    """`?wait=` (an extension): one request instead of a polling loop; bounded; validated."""
+    gate = tmp_path / "gate"
+    daemon.upload("held", {"run.sh": f"while [ ! -e {gate} ]; do sleep 0.02; done\necho ok\n"})
+    started = time.monotonic()
+    response = daemon.client.get("/api/get/held", params={"wait": "0.5"})
+    assert response.status_code == 202  # not done within the wait
+    assert time.monotonic() - started >= 0.45
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(daemon.client.get, "/api/get/held", params={"wait": "30"})
+        time.sleep(0.3)
+        assert not pending.done()
+        gate.touch()
+        response = pending.result(timeout=15)
+    assert response.status_code == 200
+    assert response.json()["Status"] == "SUCCESS"
+    assert "run.sh" in result_files(response)
+
+    finished = time.monotonic()
+    assert daemon.client.get("/api/get/held", params={"wait": "30"}).status_code == 200
+    assert time.monotonic() - finished < 2  # a finished job answers at once
+    for bad in ("-1", "301", "soon", "nan"):
+        response = daemon.client.get("/api/get/held", params={"wait": bad})
+        assert response.status_code == 400, bad
+        assert response.json()["error"] == "bad_request"
+    assert daemon.client.get("/api/get/nope", params={"wait": "1"}).status_code == 404
+
+
+def test_wait_ends_when_the_daemon_stops(daemon: Daemon) -> None:
+    daemon.upload("forever", {"run.sh": "sleep 60\n"})
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(daemon.client.get, "/api/get/forever", params={"wait": "300"})
+        time.sleep(0.3)
+        started = time.monotonic()
+        assert daemon.stop(signal.SIGTERM) == 0
+        assert pending.result(timeout=20).status_code == 202
+    assert time.monotonic() - started < 15
 
 
 def test_failing_job_keeps_its_files_and_names_the_exit_code(daemon: Daemon) -> None:

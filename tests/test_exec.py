@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from typing import Any, Callable
 
 import pytest
 
+from jobd import job
 from jobd.cgroup import CgroupTree, JobCgroup, block_device, own_cgroup, tree_name
 from jobd.config import Config
 from jobd.manager import JobManager
@@ -506,7 +508,7 @@ def test_params_become_jobd_param_variables(tmp_path: Path) -> None:
                      "os.environ.items() if k.startswith('JOBD_PARAM_')}, open('p.json', 'w'))\n"
             upload.write_bytes(make_zip({"run.sh": script}))
             await manager.create("params", upload, protocol="native", options={
-                "params": {"N": 3, "name": "x y", "flags": [1, 2], "bad-name": 1}})
+                "params": {"N": 3, "name": "x y", "flags": [1, 2]}})
             await manager.wait_finished("params")
             assert manager.get("params")["status"] == "SUCCESS"
             with zipfile.ZipFile(manager.files("params").result) as archive:
@@ -521,6 +523,39 @@ def test_params_become_jobd_param_variables(tmp_path: Path) -> None:
 
 
 # -- crash leftovers, damaged database, attempts ------------------------------------------------
+
+def test_a_job_stored_without_its_input_was_never_acknowledged(tmp_path: Path,
+                                                               caplog: Any) -> None:
+    """`create` answers 201 only once input and record are on disk, but the job may start
+    before that. A crash in between leaves a record (queued, or running) whose input never
+    reached the disk: the next start removes it, so the client's retry with the same id
+    works; a job whose input is there runs."""
+    config = Config(datapath=tmp_path / "data", db_path=tmp_path / "db", fsync=False,
+                    allow_root=True, cgroup="off", slots=1)
+    with JobStore(config.db_path, fsync=False) as store:
+        for job_id, status in (("lost", "QUEUED"), ("lost-running", "RUNNING"), ("kept", "QUEUED")):
+            store.add({**job.new_record(job_id, protocol="classic"), "status": status})
+    root = config.datapath / "kept"
+    root.mkdir(parents=True)
+    (root / "input.zip").write_bytes(make_zip({"run.sh": "true\n"}))
+
+    async def scenario() -> tuple[set[str], str]:
+        store = JobStore(config.db_path, fsync=False)
+        reaper = Reaper(adopt_orphans=False)
+        reaper.start()
+        manager = JobManager(config, store, reaper)
+        await manager.start()
+        try:
+            await manager.wait_finished("kept", 30)
+            return {r["id"] for r in store}, manager.get("kept")["status"]
+        finally:
+            await manager.stop()
+            await reaper.stop()
+            store.close()
+
+    with caplog.at_level(logging.WARNING, logger="jobd.jobs"):
+        assert asyncio.run(scenario()) == ({"kept"}, "SUCCESS")
+    assert "its input never reached the disk" in caplog.text
 
 
 @pytest.mark.parametrize("cgroup", ["auto", "off"])

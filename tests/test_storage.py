@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import logging
 import os
 import shutil
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -520,4 +523,65 @@ def test_stale_snapshot_temp_file_is_removed(tmp_path: Path) -> None:
     db = open_db(path)
     assert not (tmp_path / "jobs.json.tmp").exists()
     assert sorted(db.table("jobs").documents()) == ["a", "b"]
+    db.close()
+
+
+# -- group commit -------------------------------------------------------------------------------
+
+def test_group_commit_shares_one_fsync_off_the_loop(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writers that commit together share fsyncs, which run in a worker thread."""
+    db = open_db(tmp_path / "jobs.json", fsync=True)
+    t = db.table("jobs")
+    calls: list[str] = []
+    real = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        calls.append(threading.current_thread().name)
+        time.sleep(0.05)  # while this runs, more writers arrive
+        real(fd)
+
+    monkeypatch.setattr(storage_mod.os, "fsync", slow_fsync)
+
+    async def writer(n: int) -> None:
+        with t.durability(False):
+            t.insert(Document({"n": n}, doc_id=str(n)))
+        await db.storage.commit()
+
+    async def main() -> None:
+        await asyncio.gather(*(writer(n) for n in range(20)))
+        await db.storage.commit()  # nothing new: no fsync
+
+    asyncio.run(main())
+    assert 1 <= len(calls) <= 2, calls
+    assert threading.main_thread().name not in calls
+    monkeypatch.undo()
+    db.close()
+    assert len(open_db(tmp_path / "jobs.json").table("jobs")) == 20
+
+
+def test_group_commit_failure_is_reported_and_stops_writes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = open_db(tmp_path / "jobs.json", fsync=True)
+    t = db.table("jobs")
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(storage_mod.os, "fsync", failing)
+    with t.durability(False):
+        t.insert(Document({"s": 0}, doc_id="a"))
+    with pytest.raises(StoreError, match="fsync failed"):
+        asyncio.run(db.storage.commit())
+    monkeypatch.undo()
+    with pytest.raises(StoreError, match="restart"):
+        t.update({"s": 2}, doc_ids=["a"])
+    db.close()
+
+
+def test_commit_without_fsync_returns_at_once(tmp_path: Path) -> None:
+    db = open_db(tmp_path / "jobs.json", fsync=False)
+    with db.table("jobs").durability(False):
+        db.table("jobs").insert(Document({}, doc_id="a"))
+    asyncio.run(db.storage.commit())
     db.close()

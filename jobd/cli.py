@@ -134,6 +134,14 @@ def _param_value(text: str) -> str | int:
     return number if str(number) == text else text  # "007" stays text
 
 
+def _duration(text: str, flag: str) -> float:
+    """A DURATION option's seconds; a bad one is a usage error (exit 2) naming the flag."""
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise click.UsageError(f"{flag}: {exc}") from exc
+
+
 def _statuses(values: tuple[str, ...]) -> list[str]:
     found = [s.strip().upper() for v in values for s in v.split(",") if s.strip()]
     for status in found:
@@ -212,10 +220,7 @@ def submit(*, paths: tuple[Path, ...], spec: str | None, job_id: str | None, ent
     if params:
         fields["params"] = {k: _param_value(v) for k, v in _pairs(params, "--param").items()}
     if timeout is not None:
-        try:
-            fields["timeout"] = parse_duration(timeout)
-        except ValueError as exc:
-            raise click.UsageError(f"--timeout: {exc}") from exc
+        fields["timeout"] = _duration(timeout, "--timeout")
     if priority is not None:
         fields["priority"] = priority
     if labels:
@@ -500,10 +505,7 @@ def clean(older_than: str, statuses: tuple[str, ...], labels: tuple[str, ...], d
       jobd clean --older-than 2d
       jobd clean --older-than 1h --status FAILED --dry-run
     """
-    try:
-        age = parse_duration(older_than)
-    except ValueError as exc:
-        raise click.UsageError(f"--older-than: {exc}") from exc
+    age = _duration(older_than, "--older-than")
     wanted = _statuses(statuses) or sorted(TERMINAL)
     active = [s for s in wanted if s not in TERMINAL]
     if active:

@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,23 @@ def _lookup(request: Request) -> tuple[str, dict[str, Any] | None] | Response:
         if manager.numeric_id_issued(job_id) and not manager.exists(job_id):
             return job_id, None
         return error(404, "not_found", "payload not found")
+
+
+def _payload_route(
+    handler: Callable[[Request, JobManager, str, dict[str, Any] | None], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    """A route on /{id}: every one resolves the id by the same rules (_lookup) before the
+    handler sees it, so an unknown id or another client's job is answered alike everywhere."""
+
+    @functools.wraps(handler)
+    async def route(request: Request) -> Response:
+        found = _lookup(request)
+        if isinstance(found, Response):
+            return found
+        job_id, record = found
+        return await handler(request, request.app.state.manager, job_id, record)
+
+    return route
 
 
 def _open_zip(path: Path) -> StreamingResponse | None:
@@ -178,12 +196,9 @@ def _remove(*paths: Path) -> None:
             path.unlink()
 
 
-async def retrieve(request: Request) -> Response:
-    manager: JobManager = request.app.state.manager
-    found = _lookup(request)
-    if isinstance(found, Response):
-        return found
-    job_id, record = found
+@_payload_route
+async def retrieve(request: Request, manager: JobManager, job_id: str,
+                   record: dict[str, Any] | None) -> Response:
     if record is None:
         return JSONResponse(payload(manager, job_id, CLEANED))
     status = payload_status(record)
@@ -195,12 +210,9 @@ async def retrieve(request: Request) -> Response:
     return JSONResponse(payload(manager, job_id, status))
 
 
-async def retrieve_partial(request: Request) -> Response:
-    manager: JobManager = request.app.state.manager
-    found = _lookup(request)
-    if isinstance(found, Response):
-        return found
-    job_id, record = found
+@_payload_route
+async def retrieve_partial(request: Request, manager: JobManager, job_id: str,
+                           record: dict[str, Any] | None) -> Response:
     if record is None or job.is_invalid(record):
         return _zip_bytes(EMPTY_ZIP)
     files = manager.files(job_id)
@@ -218,12 +230,9 @@ async def retrieve_partial(request: Request) -> Response:
     return _zip_bytes(EMPTY_ZIP)
 
 
-async def kill(request: Request) -> Response:
-    manager: JobManager = request.app.state.manager
-    found = _lookup(request)
-    if isinstance(found, Response):
-        return found
-    job_id, record = found
+@_payload_route
+async def kill(request: Request, manager: JobManager, job_id: str,
+               record: dict[str, Any] | None) -> Response:
     if record is None:
         return error(404, "not_found", "payload was cleaned")
     wait = manager.config.kill_grace + _KILL_MARGIN

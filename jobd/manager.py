@@ -23,7 +23,7 @@ from jobd.cgroup import CgroupError, CgroupTree, JobCgroup
 from jobd.config import Config, parse_duration
 from jobd.counter import NumericIds
 from jobd.disk import DiskGuard
-from jobd.files import DataDir, JobFiles, fsync_dir
+from jobd.files import DataDir, JobFiles
 from jobd.options import param_environment
 from jobd.reaper import Reaper
 from jobd.resources import LimitError, Limits
@@ -369,9 +369,7 @@ class JobManager:
         # both, the job need not. A crash before they are on disk leaves a record without
         # input, which the next start removes (`_recover`): that job was never acknowledged.
         self.scheduler.submit(record)
-        if self.config.fsync:
-            await asyncio.gather(self.store.commit(),
-                                 asyncio.to_thread(_fsync_input, files, self.data.root))
+        await self.store.commit([files.input, files.root, self.data.root])
         return record
 
     async def check_input(self, upload: Path, entry: str | None = "run.sh") -> None:
@@ -570,6 +568,7 @@ class JobManager:
         files = self.files(job_id)
         try:
             outcome = await self._run(record, files)
+            self.scheduler.release(job_id)
             if outcome.reason == SHUTDOWN:  # requeued; a stop is not the job's fault
                 self._move(record, {"status": job.QUEUED, "started": None, "queued": time.time(),
                                     "attempt": record["attempt"] - 1,
@@ -602,7 +601,12 @@ class JobManager:
         self._mean_run = 0.8 * self._mean_run + 0.2 * max(0.0, time.time() - started)
         changes = job.outcome_fields(outcome.exit_code, outcome.signal, reason=outcome.reason)
         try:
-            size, found = await asyncio.to_thread(self._pack, files)
+            if all(pack.is_small(d) for d in (files.work, files.home, files.tmp)):
+                size, found = self._pack(files)  # less than a thread hop costs
+            else:
+                size, found = await asyncio.to_thread(self._pack, files)
+            # On disk before the record says it exists; shared with other jobs' rounds.
+            await self.store.commit([files.result, files.root])
             changes.update(output_size=size, artifacts=found)
         except OSError as exc:
             log.error("job %s: packing the result failed: %s", record["id"], exc)
@@ -863,7 +867,8 @@ class JobManager:
             files.work.mkdir()
         artifacts.prune_if_empty(files.work)
         found = artifacts.collect(files.work)
-        size = pack.pack_zip(files.work, files.result, level=self.config.zip_level)
+        size = pack.pack_zip(files.work, files.result, level=self.config.zip_level,
+                             sync=False)  # the caller's group commit syncs it
         if not self.config.keeps_workdir:
             _remove(files.work)
         _remove_all(files.home, files.tmp)
@@ -971,17 +976,6 @@ async def _cleanup(cgroup: JobCgroup | None, reason: str) -> Outcome:
     if cgroup is not None:
         await cgroup.remove()
     return Outcome(None, None, reason)
-
-
-def _fsync_input(files: JobFiles, data_root: Path) -> None:
-    """A new job's input on disk: its bytes, its name, its directory's name."""
-    fd = os.open(files.input, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    fsync_dir(files.root)
-    fsync_dir(data_root)
 
 
 def _remove(path: Path) -> None:

@@ -332,11 +332,12 @@ def _is_within(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
-def pack_zip(src_dir: Path, dest: Path, *, level: int = 1) -> int:
+def pack_zip(src_dir: Path, dest: Path, *, level: int = 1, sync: bool = True) -> int:
     """Zip the whole working directory into `dest` atomically; return the zip's size.
 
     Written to a temporary file beside `dest`, fsynced and renamed, so a crash never
-    leaves a partial result under the final name.
+    leaves a partial result under the final name. `sync=False` leaves the fsyncs (of `dest`
+    and its directory) to the caller, who must do them before anything says `dest` exists.
     """
     _check_level(level)
     src_dir, dest = Path(src_dir), Path(dest)
@@ -355,7 +356,8 @@ def pack_zip(src_dir: Path, dest: Path, *, level: int = 1) -> int:
                 steps.close()  # closes an open member and the walk's fds first
                 zf.close()
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
             size = f.tell()
         os.replace(tmp_name, dest)
     except BaseException:
@@ -364,8 +366,38 @@ def pack_zip(src_dir: Path, dest: Path, *, level: int = 1) -> int:
         except FileNotFoundError:
             log.debug("temporary %s already gone", tmp_name)
         raise
-    fsync_dir(dest.parent)
+    if sync:
+        fsync_dir(dest.parent)
     return size
+
+
+def is_small(root: Path, *, max_entries: int = 64, max_bytes: int = 64 << 10) -> bool:
+    """Does the tree under `root` hold at most `max_entries` entries and `max_bytes` bytes?
+
+    Stops looking as soon as it is not: costs at most `max_entries` lstat calls. Packing a
+    small tree on the event loop is cheaper than handing it to a worker thread.
+    """
+    entries = 0
+    total = 0
+    pending = [root]
+    while pending:
+        try:
+            with os.scandir(pending.pop()) as listing:
+                for entry in listing:
+                    entries += 1
+                    if entries > max_entries:
+                        return False
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(Path(entry.path))
+                    elif entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_size
+                        if total > max_bytes:
+                            return False
+        except FileNotFoundError:
+            continue  # nothing there (a job may remove its own directories)
+        except OSError:
+            return False  # let the packer meet and report the problem
+    return True
 
 
 def iter_zip(src_dir: Path, *, level: int = 0, chunk_size: int = 1 << 20) -> Iterator[bytes]:

@@ -32,7 +32,8 @@ class Scheduler:
         self._poll_interval = poll_interval
         self._heap: list[tuple[int, int, str]] = []
         self._queued: set[str] = set()
-        self._running: dict[str, asyncio.Task[None]] = {}
+        self._running: dict[str, asyncio.Task[None]] = {}  # holding a slot
+        self._finishing: dict[str, asyncio.Task[None]] = {}  # released, still being recorded
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._accepting = True
@@ -51,8 +52,16 @@ class Scheduler:
         """Forget a queued job (cancelled or deleted); its heap entry is skipped lazily."""
         self._queued.discard(job_id)
 
+    def release(self, job_id: str) -> None:
+        """The job's processes are gone: its slot goes to the next job while this one is
+        packed and recorded (I/O, in worker threads; slots bound running processes)."""
+        task = self._running.pop(job_id, None)
+        if task is not None:
+            self._finishing[job_id] = task
+            self._wake.set()
+
     def is_running(self, job_id: str) -> bool:
-        return job_id in self._running
+        return job_id in self._running or job_id in self._finishing
 
     @property
     def running_count(self) -> int:
@@ -81,7 +90,7 @@ class Scheduler:
 
     async def drain(self) -> None:
         """Wait for every running job task to finish."""
-        tasks = list(self._running.values())
+        tasks = [*self._running.values(), *self._finishing.values()]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -89,7 +98,7 @@ class Scheduler:
 
     def _push(self, record: dict) -> None:
         job_id = record["id"]
-        if job_id in self._queued or job_id in self._running:
+        if job_id in self._queued or self.is_running(job_id):
             return
         self._queued.add(job_id)
         heapq.heappush(self._heap, (-int(record.get("priority") or 0), int(record["seq"]), job_id))
@@ -97,7 +106,7 @@ class Scheduler:
     def _poll_store(self) -> None:
         """The safety net: any QUEUED job the heap does not know about joins it."""
         for job_id in self._store.ids_with_status(job.QUEUED):
-            if job_id not in self._queued and job_id not in self._running:
+            if job_id not in self._queued and not self.is_running(job_id):
                 record = self._store.get(job_id)
                 if record is not None:
                     log.info("poll found queued job %s", job_id)
@@ -120,6 +129,7 @@ class Scheduler:
             log.exception("job %s: unexpected error in its run", job_id)
         finally:
             self._running.pop(job_id, None)
+            self._finishing.pop(job_id, None)
             self._wake.set()
 
     async def _loop(self) -> None:

@@ -26,9 +26,14 @@ lacks creates it). With jq::
              else setpath([$l.t, $l.id]; $l.doc) end)' jobs.json   # the current state
 
 Group commit: a write with ``durable=False`` only appends (one ``write``); ``await
-storage.commit()`` then returns once everything appended before it is on disk. One fsync runs at
-a time, in a worker thread so the event loop goes on; writers that arrive meanwhile share the
-next one. Twenty jobs stored at once cost two fsyncs, not twenty, and none blocks the loop.
+storage.commit()`` then returns once everything appended before it is on disk. The commits of
+one event-loop iteration share one round, run in a worker thread so the loop goes on; rounds
+overlap, since concurrent fsyncs share the filesystem's journal commit. Jobs stored together
+cost one journal fsync and one hand-over to a thread (in CPython each hand-over costs the GIL's
+futex ping-pong, which on a busy daemon cost more than the work handed over).
+``commit(files)`` fsyncs those files in the same round, side by side with the journal (a job's
+input, for instance): a caller that needs a file on disk before a record names it commits the
+file first, then writes the record.
 
 Compaction rewrites the snapshot once the change lines exceed
 ``max(compact_min_lines, compact_ratio * live documents)`` (10,000 and 2 by default), so the
@@ -44,10 +49,12 @@ refused so the file stays valid JSON for jq and other readers.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import errno
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from typing import Any, Callable, NoReturn
 
@@ -89,6 +96,40 @@ def _fsync_dir(path: str) -> None:
         log.debug("fsync of directory %s failed: %s", path, exc)
     finally:
         os.close(fd)
+
+
+# fsync waits for the disk (a cache flush per call on most filesystems), and concurrent calls
+# share the filesystem journal's commit: a round syncs its files side by side.
+_FSYNC_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
+
+
+def _fsync_path(path: str) -> OSError | None:
+    """fsync a file or directory by name; its error, or None (also when it is gone)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None  # deleted meanwhile: nothing of it to keep
+    except OSError as exc:
+        return exc
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EROFS):  # a directory that cannot be synced
+            return exc
+    finally:
+        os.close(fd)
+    return None
+
+
+def _sync_all(files: list[str], journal: int | None) -> dict[str, OSError]:
+    """A group commit round, in a worker thread: every file and the journal side by side.
+    A file's failure belongs to its committer (returned); the journal's is the whole
+    store's (raised)."""
+    unique = list(dict.fromkeys(files))
+    synced = _FSYNC_POOL.map(_fsync_path, unique) if len(unique) > 1 else map(_fsync_path, unique)
+    if journal is not None:
+        os.fsync(journal)
+    return {path: exc for path, exc in zip(unique, synced) if exc is not None}
 
 
 def _check_tables(tables: Any) -> str | None:
@@ -142,7 +183,9 @@ class JournalStorage(Storage):
         self._closed = False
         self._unsynced = False  # non-durable appends not yet covered by an fsync
         self._synced = 0  # bytes of the file known to be on disk
-        self._syncing: asyncio.Future[None] | None = None  # the group commit's fsync in flight
+        self._next_round: asyncio.Future[dict[str, OSError]] | None = None  # still gathering
+        self._pending: list[str] = []  # files for the next round to fsync
+        self._rounds = 0  # rounds in flight (their threads hold the journal's fd)
         self._broken: str | None = None
         self._data: dict[str, dict[str, dict]] = {}
         self.lines = 0  # change lines after the snapshot
@@ -205,36 +248,61 @@ class JournalStorage(Storage):
                 live[str(doc_id)] = doc
         self._maybe_compact()
 
-    async def commit(self) -> None:
+    async def commit(self, files: Iterable[str | os.PathLike[str]] = ()) -> None:
         """Until every change appended so far is on disk (group commit, see above).
 
-        Raises StoreError when the fsync fails: the changes may be lost, and writes are
-        refused from then on (the kernel may have dropped the pages it reported).
+        `files` (files or directories) are fsynced in the same round, beside the journal, so
+        many jobs' files cost one hand-over to a worker thread too. Raises StoreError when
+        the journal's fsync fails: the changes may be lost, and writes are refused from then
+        on (the kernel may have dropped the pages it reported). OSError when one of `files`
+        could not be synced (a file that is gone meanwhile has nothing left to sync).
         """
-        target = self.size
-        while self._fsync and self._synced < target:
-            self._check_writable()
-            if self._syncing is None:
-                self._syncing = asyncio.ensure_future(self._sync_once())
-            await asyncio.shield(self._syncing)
+        if not self._fsync:
+            return
+        mine = [os.fspath(f) for f in files]
+        if not mine and self._synced >= self.size:
+            return
+        self._check_writable()
+        if self._next_round is None:  # every commit of this loop iteration joins it
+            loop = asyncio.get_running_loop()
+            self._next_round = loop.create_future()
+            loop.call_soon(self._start_round)
+        round_ = self._next_round
+        self._pending.extend(mine)
+        errors = await asyncio.shield(round_)
+        for path in mine:
+            if path in errors:
+                raise errors[path]
 
-    async def _sync_once(self) -> None:
-        """One fsync of the journal, covering every byte appended before it started."""
+    def _start_round(self) -> None:
+        """Sync the pending files and the journal as it ends now, in a worker thread."""
+        done, self._next_round = self._next_round, None
+        assert done is not None
+        files, self._pending = self._pending, []
         end, fd = self.size, self._fd
-        try:
-            if fd is not None:
-                await asyncio.to_thread(os.fsync, fd)
-        except OSError as exc:
-            if self._closed:  # close() synced and closed the fd under this fsync
+        journal = fd if fd is not None and end > self._synced else None
+        self._rounds += 1
+        work = asyncio.ensure_future(asyncio.to_thread(_sync_all, files, journal))
+
+        def finished(work: asyncio.Future[dict[str, OSError]]) -> None:
+            self._rounds -= 1
+            exc = work.exception()
+            if exc is not None:
+                if self._closed:  # close() synced and closed the fd under this fsync
+                    done.set_result({})
+                    return
+                self._broken = f"fsync failed: {exc}"
+                log.error("%s: %s", self.path, self._broken)
+                failure = StoreError(f"{self.path}: {self._broken}")
+                failure.__cause__ = exc
+                done.set_exception(failure)
                 return
-            self._broken = f"fsync failed: {exc}"
-            log.error("%s: %s", self.path, self._broken)
-            raise StoreError(f"{self.path}: {self._broken}") from exc
-        finally:
-            self._syncing = None
-        if fd is self._fd:  # not replaced by a snapshot meanwhile (which syncs it all)
-            self._synced = max(self._synced, end)
-            self._unsynced = self._synced < self.size
+            if fd is self._fd:  # not replaced by a snapshot meanwhile (which syncs it all)
+                self._synced = max(self._synced, end)
+                self._unsynced = self._synced < self.size
+            done.set_result(work.result())
+
+        work.add_done_callback(finished)
 
     def compact(self) -> None:
         """Rewrite the snapshot now (normally automatic)."""
@@ -293,7 +361,7 @@ class JournalStorage(Storage):
         """Snapshot when the journal outgrows the live data; a failure only postpones it."""
         if self.lines <= self._threshold() or self._broken is not None:
             return
-        if self._syncing is not None:  # its thread holds the old fd: compact at a later write
+        if self._rounds:  # their threads hold the old fd: compact at a later write
             return
         try:
             self._snapshot(self._data)

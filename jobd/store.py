@@ -229,10 +229,11 @@ class JobStore:
             self._index(new_status, seq)
         return _clone(self._docs()[job_id])
 
-    async def commit(self) -> None:
-        """Until every write so far is on disk; concurrent callers share one fsync, run in a
-        worker thread (group commit, see storage.py). StoreError if the fsync fails."""
-        await self._storage.commit()
+    async def commit(self, files: Iterable[Path] = ()) -> None:
+        """Until every write so far, and `files`, are on disk; concurrent callers share one
+        round in a worker thread (group commit, see storage.py). StoreError if the journal's
+        fsync fails, OSError if one of `files` could not be synced."""
+        await self._storage.commit(files)
 
     def delete(self, job_id: str) -> None:
         """Remove the record (durably); KeyError if there is none."""

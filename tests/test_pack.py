@@ -711,3 +711,14 @@ def test_memory_stays_flat(tmp_path: Path) -> None:
     assert report["rss_growth_mib"] < 32, report
     assert report["tracemalloc_peak_mib"] < 16, report
     assert report["base64_mib_s"] > 200, report
+
+
+def test_is_small_stops_at_the_first_excess(tmp_path: Path) -> None:
+    assert pack.is_small(tmp_path / "missing")  # nothing there: nothing to pack
+    (tmp_path / "d" / "e").mkdir(parents=True)
+    (tmp_path / "d" / "e" / "f").write_bytes(b"x" * 100)
+    assert pack.is_small(tmp_path)
+    assert not pack.is_small(tmp_path, max_bytes=99)
+    assert not pack.is_small(tmp_path, max_entries=2)  # d, e, f
+    (tmp_path / "link").symlink_to("/dev/zero")  # counted, never followed
+    assert pack.is_small(tmp_path, max_entries=4)

@@ -17,6 +17,7 @@ from jobd.run import (
     INTERPRETERS,
     StartError,
     command_for,
+    created_since,
     kill_marked,
     marked_processes,
 )
@@ -120,3 +121,20 @@ def test_kill_marked_finds_processes_that_left_the_group(tmp_path: Path) -> None
             if proc.poll() is None:
                 proc.kill()
             proc.wait(10)
+
+
+def test_created_since_finds_new_processes_only() -> None:
+    """The pid window of a young job: its own processes, not those started before it."""
+    older = os.getpid()
+    first = subprocess.Popen(["sleep", "30"])
+    second = subprocess.Popen(["sleep", "30"])
+    try:
+        found = created_since(first.pid)
+        assert found is not None
+        assert first.pid in found and second.pid in found
+        assert older not in found or older > first.pid  # only if pids went round since
+        assert second.pid in (created_since(second.pid) or [])
+    finally:
+        for proc in (first, second):
+            proc.kill()
+            proc.wait()

@@ -585,3 +585,40 @@ def test_commit_without_fsync_returns_at_once(tmp_path: Path) -> None:
         db.table("jobs").insert(Document({}, doc_id="a"))
     asyncio.run(db.storage.commit())
     db.close()
+
+
+def test_commit_syncs_files_in_the_same_round(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files join the round; a file's failure reaches only its committer; a gone file is
+    nothing to sync."""
+    db = open_db(tmp_path / "jobs.json", fsync=True)
+    t = db.table("jobs")
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.write_bytes(b"x")
+    bad.write_bytes(b"y")
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        synced.append(os.path.basename(name))
+        if name == str(bad):
+            raise OSError(errno.EIO, "I/O error")
+        real(fd)
+
+    monkeypatch.setattr(storage_mod.os, "fsync", fsync)
+
+    async def main() -> list[BaseException | None]:
+        with t.durability(False):
+            t.insert(Document({"n": 1}, doc_id="1"))
+        return await asyncio.gather(db.storage.commit([good]), db.storage.commit([bad]),
+                                    db.storage.commit([tmp_path / "gone"]),
+                                    return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], OSError) and results[1].errno == errno.EIO
+    assert sorted(synced) == ["bad", "good", "jobs.json"]  # one round: files and journal
+    monkeypatch.undo()
+    t.update({"n": 2}, doc_ids=["1"])  # the journal is fine
+    db.close()

@@ -77,6 +77,10 @@ _ERROR_BODY_LIMIT = 64 * 1024
 Progress = Callable[[int], None]  # called with the bytes just transferred
 
 
+# Seconds one long poll of `wait` may take (the daemon allows up to 300).
+LONG_POLL = 60
+
+
 class ClientError(Exception):
     """Something the command line reports on stderr and turns into its exit code."""
 
@@ -503,15 +507,29 @@ class Client:
 
     def wait(self, job_id: str, *, interval: float = 0.1, max_interval: float = 1.0,
              on_poll: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """Poll until the job is finished; the polls slow down to `max_interval`."""
+        """Until the job is finished: long polls (`?wait=`), each answered as soon as it is;
+        against a jobd without them, polls that slow down to `max_interval`."""
+        long_poll = True
         while True:
-            record = self.get(job_id)
+            if long_poll:
+                try:
+                    record = self.json("GET", self._job_path(job_id),
+                                       query={"wait": LONG_POLL},
+                                       answer_timeout=LONG_POLL + 30)
+                except HTTPError as exc:
+                    if exc.status != 400 or "wait" not in exc.message:
+                        raise
+                    long_poll = False  # an older jobd
+                    continue
+            else:
+                record = self.get(job_id)
             if on_poll is not None:
                 on_poll(record)
             if record.get("status") in TERMINAL:
                 return record
-            time.sleep(interval)
-            interval = min(max_interval, interval * 1.5)
+            if not long_poll:
+                time.sleep(interval)
+                interval = min(max_interval, interval * 1.5)
 
     def follow(self, job_id: str, out: BinaryIO) -> dict[str, Any]:
         """Copy the log to `out` while the job runs; the finished record at the end.

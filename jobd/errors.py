@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse
 CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
          408: "request_timeout", 409: "conflict", 413: "payload_too_large",
          414: "uri_too_long", 431: "request_header_fields_too_large",
-         429: "too_many_requests", 507: "insufficient_storage"}
+         429: "too_many_requests", 503: "service_unavailable", 507: "insufficient_storage"}
 
 
 def error(status: int, message: str, *, code: str | None = None,

@@ -39,7 +39,7 @@ from jobd.run import (
 from jobd.schedule import Scheduler
 from jobd.slurm import TOKEN, OptionError, SlurmError, SlurmExecutor, SlurmGaveUp, SlurmJob
 from jobd.spec import Spec
-from jobd.store import JobExists, JobStore
+from jobd.store import JobExists, JobStore, StoreError
 from jobd.users import Identity, UserPolicy
 
 log = logging.getLogger("jobd.jobs")
@@ -100,6 +100,13 @@ class DiskFull(Rejected):
 
     status = 507
     code = "insufficient_storage"
+
+
+class NotStored(Rejected):
+    """The job's input or record could not be made durable (a disk error): no 201."""
+
+    status = 503
+    code = "service_unavailable"
 
 
 class InvalidOptions(Rejected, ValueError):
@@ -369,7 +376,11 @@ class JobManager:
         # both, the job need not. A crash before they are on disk leaves a record without
         # input, which the next start removes (`_recover`): that job was never acknowledged.
         self.scheduler.submit(record)
-        await self.store.commit([files.input, files.root, self.data.root])
+        try:
+            await self.store.commit([files.input, files.root, self.data.root])
+        except (OSError, StoreError) as exc:
+            log.error("job %s: not acknowledged, it could not be stored durably: %s", job_id, exc)
+            raise NotStored(f"the job could not be stored: {exc}") from exc
         return record
 
     async def check_input(self, upload: Path, entry: str | None = "run.sh") -> None:

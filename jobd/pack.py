@@ -411,7 +411,25 @@ def iter_zip(src_dir: Path, *, level: int = 0, chunk_size: int = 1 << 20) -> Ite
     _check_positive(chunk_size)
     src_dir = Path(src_dir)
     _check_dir(src_dir)
-    return _iter_zip(src_dir, level, chunk_size)
+    return _started(_iter_zip(src_dir, level, chunk_size))
+
+
+def _started(body: Iterator[bytes]) -> Iterator[bytes]:
+    """`body` run up to its first chunk: the directory is open, or the error raised, now.
+
+    A job that ends removes its working directory; a snapshot asked for at that moment must
+    fail before its answer starts (the caller then serves the result), not halfway through.
+    """
+    return _resumed(next(body, None), body)
+
+
+def _resumed(first: bytes | None, body: Iterator[bytes]) -> Iterator[bytes]:
+    try:
+        if first is not None:
+            yield first
+            yield from body
+    finally:
+        body.close()  # type: ignore[attr-defined]  # a generator
 
 
 def _iter_zip(src_dir: Path, level: int, chunk_size: int) -> Iterator[bytes]:
@@ -536,7 +554,7 @@ def iter_tar_gz(src: Path, *, chunk_size: int = 1 << 20, level: int = 1) -> Iter
         members = _tar_members_from_zip(zipfile.ZipFile(src), chunk_size)
     else:
         raise ValueError(f"{src} is neither a directory nor a zip file")
-    return _iter_tar_gz(members, chunk_size, level)
+    return _started(_iter_tar_gz(members, chunk_size, level))
 
 
 def _iter_tar_gz(members: Iterator[_TarMember], chunk_size: int, level: int) -> Iterator[bytes]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import json
 import logging
 import os
@@ -17,10 +18,10 @@ from typing import Any, Callable
 
 import pytest
 
-from jobd import job
+from jobd import job, storage
 from jobd.cgroup import CgroupTree, JobCgroup, block_device, own_cgroup, tree_name
 from jobd.config import Config
-from jobd.manager import JobManager
+from jobd.manager import JobManager, Rejected
 from jobd.reaper import Reaper
 from jobd.resources import LimitError, Limits
 from jobd.store import JobStore
@@ -523,6 +524,38 @@ def test_params_become_jobd_param_variables(tmp_path: Path) -> None:
 
 
 # -- crash leftovers, damaged database, attempts ------------------------------------------------
+
+def test_a_disk_error_while_storing_is_a_503_not_a_201(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    config = Config(datapath=tmp_path / "data", db_path=tmp_path / "db", fsync=True,
+                    allow_root=True, cgroup="off", slots=1)
+
+    def failing(path: str) -> OSError | None:
+        return OSError(errno.EIO, "I/O error") if path.endswith("input.zip") else None
+
+    monkeypatch.setattr(storage, "_fsync_path", failing)
+
+    async def scenario() -> Rejected:
+        store = JobStore(config.db_path, fsync=True)
+        reaper = Reaper(adopt_orphans=False)
+        reaper.start()
+        manager = JobManager(config, store, reaper)
+        await manager.start()
+        try:
+            upload = manager.data.new_incoming()
+            upload.write_bytes(make_zip({"run.sh": "true\n"}))
+            with pytest.raises(Rejected) as caught:
+                await manager.create("eio", upload, protocol="classic")
+            return caught.value
+        finally:
+            await manager.stop()
+            await reaper.stop()
+            store.close()
+
+    refused = asyncio.run(scenario())
+    assert (refused.status, refused.code) == (503, "service_unavailable")
+    assert "could not be stored" in refused.message and "I/O error" in refused.message
+
 
 def test_a_job_stored_without_its_input_was_never_acknowledged(tmp_path: Path,
                                                                caplog: Any) -> None:

@@ -592,8 +592,8 @@ class JobManager:
                                 "message": f"internal error: {exc}"}, durable=True)
         finally:
             self._cancel_requested.discard(job_id)
+            self._notify_end(job_id)  # listeners (metrics) first: a waiter may read them
             self._notify_finished(job_id)
-            self._notify_end(job_id)
 
     def _notify_end(self, job_id: str) -> None:
         record = self.store.get(job_id)
@@ -622,8 +622,9 @@ class JobManager:
         except OSError as exc:
             log.error("job %s: packing the result failed: %s", record["id"], exc)
             changes.update(status=job.FAILED, message=f"could not pack the result: {exc}")
-        self._move(record, changes, durable=False)
+        self._move(record, changes, durable=False, wake=False)
         await self.store.commit()  # shares its fsync with every job ending meanwhile
+        # The caller then tells listeners and waiters: a client sees the end once it is on disk.
 
     def _environment(self, record: dict[str, Any], files: JobFiles) -> dict[str, str]:
         """The job's clean environment (the same for every executor): the minimal set, the
@@ -886,15 +887,16 @@ class JobManager:
         return size, found
 
     def _move(self, record: dict[str, Any], changes: dict[str, Any], *,
-              durable: bool) -> dict[str, Any]:
-        """Apply a status change allowed by the state machine, and log it."""
+              durable: bool, wake: bool = True) -> dict[str, Any]:
+        """Apply a status change allowed by the state machine, and log it. Whoever waits for
+        the job to finish is woken now, or with `wake=False` by the caller (once durable)."""
         new_status = changes.get("status", record["status"])
         if new_status != record["status"]:
             job.check_move(record["status"], new_status)
         updated = self.store.update(record["id"], changes, durable=durable)
         log.info("job %s %s -> %s: %s", record["id"], record["status"], new_status,
                  updated.get("message", ""))
-        if job.is_terminal(new_status):
+        if wake and job.is_terminal(new_status):
             self._notify_finished(record["id"])
         return updated
 

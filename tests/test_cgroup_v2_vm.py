@@ -17,7 +17,9 @@ Skipped, with the reason, only when qemu, a kernel, busybox or the root filesyst
 
 from __future__ import annotations
 
+import gzip
 import json
+import lzma
 import os
 import re
 import shutil
@@ -100,12 +102,19 @@ def install(packages: list[str]) -> str | None:
 
 
 def modules_in_order(modules_dir: Path, wanted: tuple[str, ...]) -> list[Path]:
-    """The .ko files for `wanted` and what they depend on, dependencies first (modules.dep)."""
+    """The module files for `wanted` and what they depend on, dependencies first
+    (modules.dep); none for a module built into the kernel."""
+    def name_of(path: str) -> str:
+        return Path(path).name.split(".ko")[0].replace("-", "_")
+
+    builtin_list = modules_dir / "modules.builtin"
+    builtin = {name_of(line) for line in builtin_list.read_text().split()} \
+        if builtin_list.exists() else set()
     deps: dict[str, list[str]] = {}
     for line in (modules_dir / "modules.dep").read_text().splitlines():
         name, _, rest = line.partition(":")
         deps[name] = rest.split()
-    by_module = {Path(p).name.split(".ko")[0].replace("-", "_"): p for p in deps}
+    by_module = {name_of(p): p for p in deps}
     ordered: list[str] = []
 
     def visit(path: str) -> None:
@@ -115,10 +124,23 @@ def modules_in_order(modules_dir: Path, wanted: tuple[str, ...]) -> list[Path]:
             ordered.append(path)
 
     for name in wanted:
+        if name in builtin:
+            continue
         if name not in by_module:
-            raise FileNotFoundError(f"module {name} not in {modules_dir} (built in?)")
+            raise FileNotFoundError(f"kernel module {name} is not in {modules_dir}")
         visit(by_module[name])
     return [modules_dir / p for p in ordered]
+
+
+def module_bytes(path: Path) -> bytes:
+    """A module as insmod takes it: Debian compresses modules with xz since Linux 6.x."""
+    if path.name.endswith(".ko.xz"):
+        return lzma.decompress(path.read_bytes())
+    if path.name.endswith(".ko.gz"):
+        return gzip.decompress(path.read_bytes())
+    if not path.name.endswith(".ko"):
+        raise ValueError(f"cannot unpack kernel module {path} (only .ko, .ko.xz, .ko.gz)")
+    return path.read_bytes()
 
 
 def cpio(entries: list[tuple[str, int, bytes, tuple[int, int]]]) -> bytes:
@@ -150,9 +172,10 @@ def initramfs(dest: Path, modules_dir: Path, zipapp: Path) -> None:
     entries.append(("dev/console", 0o020600, b"", (5, 1)))  # init's output before devtmpfs
     entries.append(("init", executable, (VM_DIR / "init").read_bytes(), (0, 0)))
     entries.append(("bin/busybox", executable, BUSYBOX.read_bytes(), (0, 0)))
-    ko = modules_in_order(modules_dir, MODULES)
-    entries.append(("modules", regular, "".join(p.name + "\n" for p in ko).encode(), (0, 0)))
-    entries += [(f"lib/modules/{p.name}", regular, p.read_bytes(), (0, 0)) for p in ko]
+    ko = {p.name.split(".ko")[0] + ".ko": module_bytes(p)
+          for p in modules_in_order(modules_dir, MODULES)}
+    entries.append(("modules", regular, "".join(name + "\n" for name in ko).encode(), (0, 0)))
+    entries += [(f"lib/modules/{name}", regular, data, (0, 0)) for name, data in ko.items()]
     entries.append(("payload/jobd", executable, zipapp.read_bytes(), (0, 0)))
     entries.append(("payload/guest.py", regular, (VM_DIR / "guest.py").read_bytes(), (0, 0)))
     dest.write_bytes(cpio(entries))

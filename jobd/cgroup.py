@@ -9,9 +9,10 @@ path given in JOBD_CGROUP). The tree:
         job-<id>/                               one per running job, removed when it ends
 
 A cgroup may either hold processes or hand controllers to children, not both; when jobd's own
-cgroup must enable controllers for its children, jobd first moves itself into a leaf
-`<own cgroup>/jobd-daemon`. Controllers not available (say, a hybrid v1/v2 host where memory
-still belongs to v1) are simply not used: the cgroup then still tracks and kills the job.
+cgroup must enable controllers for its children, jobd first moves itself, with any helper
+processes it has, into a leaf `<own cgroup>/jobd-daemon`. Controllers not available (say, a
+hybrid v1/v2 host where memory still belongs to v1) are simply not used: the cgroup then still
+tracks and kills the job.
 
 A job's first process joins its cgroup while it waits at the start gate (`run.py`), before
 any of its own code runs, so no descendant can start outside it.
@@ -166,8 +167,12 @@ class JobCgroup:
                 _write(freeze, "0")
 
     def oom_kills(self) -> int:
-        """Processes the kernel's OOM killer ended in this cgroup (0 without the memory
-        controller)."""
+        """OOM kills the kernel counted in this cgroup (0 without the memory controller).
+
+        Proof of a memory kill, not a number of processes: with memory.oom.group the kernel
+        kills its victim, then every process of the group, and counts the victim once or twice
+        and a process already exiting not at all (seen on Linux 6.1).
+        """
         try:
             events = _read(self.path / "memory.events")
         except FileNotFoundError:
@@ -310,9 +315,9 @@ def _enable_controllers(own: Path, wanted: tuple[str, ...] = WANTED) -> None:
     """Let `own`'s children use the wanted controllers it has, moving jobd to a leaf if needed.
 
     "No internal processes": a non-root cgroup that holds processes cannot hand controllers
-    down. jobd is (in a container) usually the only process there, so it moves itself into
-    `own/jobd-daemon` and tries again; if other processes remain, the job cgroups go without
-    controllers.
+    down. In a container jobd and its own children are usually all there is, so they move into
+    `own/jobd-daemon` and jobd tries again; if other processes remain (a wrapper that started
+    jobd, say), the job cgroups go without controllers and the warning names those processes.
     """
     available = set(_read(own / "cgroup.controllers").split())
     enabled = set(_read(own / "cgroup.subtree_control").split())
@@ -329,9 +334,44 @@ def _enable_controllers(own: Path, wanted: tuple[str, ...] = WANTED) -> None:
             return
     leaf = own / DAEMON_LEAF
     leaf.mkdir(exist_ok=True)
-    _write(leaf / "cgroup.procs", str(os.getpid()))
-    log.info("moved jobd into %s so that %s can enable controllers", leaf, own)
+    mine = family_in(own, os.getpid())
+    for pid in mine:
+        try:
+            _write(leaf / "cgroup.procs", str(pid))
+        except ProcessLookupError:
+            continue  # a helper that ended meanwhile
+    helpers = f" and {len(mine) - 1} helper process(es) of its own" if len(mine) > 1 else ""
+    log.info("moved jobd%s into %s so that %s can enable controllers", helpers, leaf, own)
     try:
         _write(own / "cgroup.subtree_control", text)
     except OSError as exc:
-        log.warning("cannot enable %s in %s (other processes there?): %s", text, own, exc)
+        others = " ".join(_read(own / "cgroup.procs").split()) or "none"
+        log.warning("cannot enable %s in %s (processes left there: %s): %s", text, own, others,
+                    exc)
+
+
+def family_in(cgroup: Path, pid: int, proc: Path = Path("/proc")) -> list[int]:
+    """`pid` and those of its descendants that are in `cgroup`, `pid` first.
+
+    They move into the leaf together: the interpreter may have started helpers before jobd's
+    code ran (shiv's first unpack compiles with a process pool, which on Python 3.13 leaves
+    multiprocessing's forkserver and resource tracker running as jobd's children), and any
+    one of them left behind keeps `cgroup` from handing out controllers.
+    """
+    family = [pid]
+    for member in (int(p) for p in _read(cgroup / "cgroup.procs").split()):
+        if member == pid:
+            continue
+        ancestor = member
+        for _ in range(64):  # the chain up to pid, or to init
+            try:
+                stat = _read(proc / str(ancestor) / "stat")
+            except OSError:
+                break  # ended meanwhile
+            ancestor = int(stat.rsplit(")", 1)[1].split()[1])  # after "pid (comm) state"
+            if ancestor == pid:
+                family.append(member)
+                break
+            if ancestor <= 1:
+                break
+    return family

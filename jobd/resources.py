@@ -211,9 +211,10 @@ class Limits:
         if exit_code == 0:
             return None
         if oom_kills > 0:
+            # memory.oom.group: one OOM kill ends every process of the job. No count: the
+            # kernel's oom_kill counter is not one (see JobCgroup.oom_kills).
             limit = f" {human_size(self.memory)}" if self.memory else ""
-            return (f"out of memory: the kernel killed {oom_kills} process(es) of the job at "
-                    f"its memory limit{limit}")
+            return f"out of memory: the kernel killed the job at its memory limit{limit}"
         cpu_time = self.show("cpu_time", self.cpu_time)
         for signum_of_limit, value, what in (
                 (signal.SIGXCPU, self.cpu_time, f"CPU time limit {cpu_time}"),

@@ -166,6 +166,18 @@ class JobCgroup:
             if frozen:
                 _write(freeze, "0")
 
+    def refused_forks(self) -> int:
+        """Forks the pids controller refused at pids.max (pids.events `max`; 0 without it)."""
+        try:
+            events = _read(self.path / "pids.events")
+        except FileNotFoundError:
+            return 0
+        for line in events.splitlines():
+            name, _, value = line.partition(" ")
+            if name == "max":
+                return int(value)
+        return 0
+
     def oom_kills(self) -> int:
         """OOM kills the kernel counted in this cgroup (0 without the memory controller).
 

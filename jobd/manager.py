@@ -713,7 +713,7 @@ class JobManager:
             self._processes.pop(job_id, None)
         if outcome.reason is None:
             outcome.reason = limits.reason(outcome.exit_code, outcome.signal, outcome.oom_kills,
-                                           files.log)
+                                           files.log, outcome.refused_forks)
         return outcome
 
     # -- a Slurm job's run --------------------------------------------------------------------

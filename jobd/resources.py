@@ -202,11 +202,12 @@ class Limits:
     # -- what a limit did to a job -------------------------------------------------------------
 
     def reason(self, exit_code: int | None, signum: int | None, oom_kills: int,
-               log_path: Path) -> str | None:
+               log_path: Path, refused_forks: int = 0) -> str | None:
         """Why a failed job failed, when a limit explains it; honest about certainty.
 
         Only a cgroup's OOM-kill count proves a memory kill. Without one, an allocation failure
-        in the log of a job that had a memory rlimit is reported as "probably".
+        in the log of a job that had a memory rlimit is reported as "probably". Forks refused
+        at pids.max are named last: a job may survive them and fail for another reason.
         """
         if exit_code == 0:
             return None
@@ -229,6 +230,9 @@ class Limits:
         if self.memory and _log_reports_allocation_failure(log_path):
             return (f"memory limit {human_size(self.memory)} was probably reached "
                     f"(the log reports a failed allocation)")
+        if refused_forks > 0 and self.nproc:
+            return (f"process limit {self.nproc} reached: the kernel refused {refused_forks} "
+                    f"fork(s)")
         return None
 
 

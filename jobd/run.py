@@ -79,7 +79,8 @@ class Outcome:
     exit_code: int | None
     signal: int | None
     reason: str | None = None  # "cancelled", "timed out after 10s", ...
-    oom_kills: int = 0  # processes the kernel's OOM killer ended (cgroup memory.events)
+    oom_kills: int = 0  # > 0: the kernel's OOM killer ended the job (cgroup memory.events)
+    refused_forks: int = 0  # forks refused at the cgroup's pids.max (pids.events)
 
 
 # Runs a function of a Python file instead of the file as a script (the `function` option).
@@ -207,11 +208,12 @@ class LocalProcess:
         if self._joining is not None:
             await self._joining
         await self._kill_all(signal.SIGKILL)  # leftovers of the job die with it
-        oom_kills = 0
+        oom_kills = refused = 0
         if self.cgroup is not None:
             oom_kills = self.cgroup.oom_kills()
+            refused = self.cgroup.refused_forks()
             await self.cgroup.remove()
-        return Outcome(code, signum, self._reason, oom_kills)
+        return Outcome(code, signum, self._reason, oom_kills, refused)
 
     @property
     def running(self) -> bool:

@@ -307,6 +307,16 @@ def test_oom_kill_count_makes_a_definite_message(tmp_path: Path) -> None:
     assert Limits(memory=64 << 20).reason(None, signal.SIGKILL, 0, tmp_path / "log") is None
 
 
+def test_forks_refused_at_pids_max_are_named(tmp_path: Path) -> None:
+    (tmp_path / "pids.events").write_text("max 2301\n")
+    refused = JobCgroup(tmp_path, has_kill=True).refused_forks()
+    assert refused == 2301
+    assert Limits(nproc=24).reason(1, None, 0, tmp_path / "log", refused) == \
+        "process limit 24 reached: the kernel refused 2301 fork(s)"
+    assert Limits(nproc=24).reason(0, None, 0, tmp_path / "log", refused) is None  # it coped
+    assert JobCgroup(tmp_path / "none", has_kill=True).refused_forks() == 0
+
+
 def test_jobd_takes_its_own_helper_processes_into_the_leaf(tmp_path: Path) -> None:
     """family_in: jobd and its descendants among a cgroup's processes, nobody else. The real
     case (Python 3.13's forkserver and resource tracker after shiv's first unpack) is in

@@ -68,11 +68,17 @@ class RequestLog:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            client = scope.get("client") or ("-", 0)
-            caller = getattr((scope.get("state") or {}).get("client"), "name", None)
-            log.info('%s "%s %s" %d %.1fms%s', client[0], scope["method"], scope["path"],
-                     status, (time.perf_counter() - started) * 1000,
-                     f" client={caller}" if caller else "")
+            self.note(scope, status, started)
+
+    @staticmethod
+    def note(scope: Scope, status: int, started: float) -> None:
+        """The line for one request (`started`: its `time.perf_counter()`); the fast path
+        (fastpath.py) writes its requests' lines with this too."""
+        client = scope.get("client") or ("-", 0)
+        caller = getattr((scope.get("state") or {}).get("client"), "name", None)
+        log.info('%s "%s %s" %d %.1fms%s', client[0], scope["method"], scope["path"],
+                 status, (time.perf_counter() - started) * 1000,
+                 f" client={caller}" if caller else "")
 
 
 def load_configured_specs(config: Config) -> dict[str, Spec]:

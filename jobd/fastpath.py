@@ -271,8 +271,9 @@ class FastPath:
                 return None
         status = entry.status
         answer = b"".join((STATUS_LINES[status], self._default_headers(conn), entry.tail))
-        self.app.state.metrics.observe_request("GET", endpoint.template, status, 0,
-                                               entry.body_size)
+        counters = self.app.state.metrics
+        counters.observe_request("GET", endpoint.template, status, 0, entry.body_size)
+        counters.observe_fast(endpoint.template)
         if self.note is not None:
             self.note(scope, status, started)
         return answer

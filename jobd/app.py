@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from jobd import api, classic, limits, metrics, openapi, orchestrator
+from jobd import api, classic, limits, metrics, orchestrator
 from jobd.auth import Authenticator, AuthMiddleware
 from jobd.config import Config
 from jobd.manager import JobManager, Rejected
@@ -29,6 +29,18 @@ log = logging.getLogger("jobd.http")
 
 async def health(request: Request) -> Response:
     return JSONResponse({"status": "healthy"})
+
+
+async def openapi_json(request: Request) -> Response:
+    """`GET /openapi.json`: jobd/openapi.py (a large document) is loaded on first use."""
+    from jobd import openapi
+    return await openapi.openapi_json(request)
+
+
+async def docs(request: Request) -> Response:
+    """`GET /docs`, loaded on first use like the document it renders."""
+    from jobd import openapi
+    return await openapi.docs(request)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -128,7 +140,8 @@ def create_app(config: Config, *, store: JobStore | None = None,
         Route("/health", health, methods=["GET"]),
         *classic.routes,
         *api.routes,
-        *openapi.routes,
+        Route("/openapi.json", openapi_json, methods=["GET"]),  # openapi.routes, lazily
+        Route("/docs", docs, methods=["GET"]),
         *orchestrator.routes,
         Route("/metrics", metrics.endpoint, methods=["GET"]),
     ]

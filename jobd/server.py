@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import gc
 import ipaddress
 import logging
+import socket
 import ssl
 import sys
 import threading
@@ -147,6 +150,10 @@ class DaemonServer(uvicorn.Server):
             if self._log_handler is not None:
                 self._log_handler.attach(None)
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        settle_memory()
+
     async def main_loop(self) -> None:
         """uvicorn's loop without its tenth-of-a-second tick: wait for `handle_exit`.
 
@@ -172,6 +179,24 @@ class DaemonServer(uvicorn.Server):
             self._loop.call_soon_threadsafe(manager.begin_stop)
         if self._wake is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
+
+
+def settle_memory() -> None:
+    """Once started: what start-up allocated stays out of the garbage collector's way, and
+    the heap it freed goes back to the system.
+
+    `gc.freeze` moves every object alive now (the job records above all: millions of objects
+    with 100,000 jobs) to the permanent generation, so a full collection no longer walks
+    them; `malloc_trim` (glibc) returns the pages the store's loading freed (a few MiB with
+    100,000 jobs) instead of keeping them for later.
+    """
+    gc.freeze()
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim): nothing to do
+        return
+    trim(0)
 
 
 class UvicornConfig(uvicorn.Config):

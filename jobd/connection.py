@@ -130,6 +130,7 @@ class Connection(H11Protocol):
         super().connection_made(transport)
         self._head_timer: asyncio.TimerHandle | None = None
         self._answered = 0.0  # loop.time() of the last fast answer
+        self._h11_used = False  # h11 has been given data since it was last seen idle
         self.tls = tls_extension(transport)
         if self.tls is not None:
             self.app = _with_tls(self.app, self.tls)
@@ -149,6 +150,7 @@ class Connection(H11Protocol):
             if not data:
                 return
         before = self.cycle
+        self._h11_used = True
         super().data_received(data)
         if self.cycle is not before:  # a request head is complete
             self._disarm()
@@ -157,11 +159,16 @@ class Connection(H11Protocol):
 
     def _idle(self) -> bool:
         """Between requests, with nothing buffered in h11 and the peer reading answers."""
+        if self.flow.write_paused or self.transport.is_closing():
+            return False
+        if not self._h11_used:  # h11 is as new: no need to ask it
+            return True
         cycle = self.cycle
-        return (cycle is None or cycle.response_complete) \
-            and self.conn.our_state is h11.IDLE and self.conn.their_state is h11.IDLE \
-            and not self.flow.write_paused and not self.transport.is_closing() \
-            and not self.conn.trailing_data[0]
+        if (cycle is None or cycle.response_complete) and self.conn.our_state is h11.IDLE \
+                and self.conn.their_state is h11.IDLE and not self.conn.trailing_data[0]:
+            self._h11_used = False
+            return True
+        return False
 
     def _serve_fast(self, data: bytes) -> bytes:
         """Answer the leading requests of `data` the fast path serves; the rest, from the

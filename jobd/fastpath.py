@@ -77,9 +77,10 @@ class Endpoint:
     change changes the answer; None: the answer is never cached, e.g. it depends on the
     time)."""
 
-    def __init__(self, template: str, call: Callable[[Request], Any],
+    def __init__(self, prefix: str, call: Callable[[Request], Any],
                  reads: Callable[[Any, str], list[Path]] | None) -> None:
-        self.template = template
+        self.prefix = prefix
+        self.template = prefix + "{id}"
         self.call = call
         self.reads = reads
 
@@ -170,6 +171,9 @@ class FastPath:
         self.endpoints = endpoints
         self.max_head = max_head
         self.note = note  # the access log's RequestLog.note, or None
+        self.authenticator: auth.Authenticator = app.state.authenticator
+        self.metrics: metrics.Metrics = app.state.metrics
+        self.manager: Any = None
         self.cache = AnswerCache()
         self._defaults: list[tuple[bytes, bytes]] | None = None
         self._defaults_bytes = b""
@@ -212,7 +216,9 @@ class FastPath:
             return None
         prefix, raw_id = line.groups()
         endpoint = self.endpoints.get(prefix)
-        manager = getattr(self.app.state, "manager", None)
+        manager = self.manager
+        if manager is None:  # set by the app's lifespan: until then, the normal path
+            manager = self.manager = getattr(self.app.state, "manager", None)
         if endpoint is None or manager is None:
             return None
         headers = []
@@ -234,24 +240,16 @@ class FastPath:
             return None
         started = time.perf_counter()
         job_id = raw_id.decode("ascii")
-        scope: dict[str, Any] = {
-            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": "1.1", "server": conn.server, "client": conn.client,
-            "scheme": conn.scheme, "method": "GET", "root_path": "", "path": prefix.decode() +
-            job_id, "raw_path": prefix + raw_id, "query_string": b"", "headers": headers,
-            "state": conn.app_state.copy(), "app": self.app, "path_params": {"id": job_id},
-        }
-        if conn.tls is not None:
-            scope["extensions"] = {"tls": dict(conn.tls)}
-        authenticator: auth.Authenticator = self.app.state.authenticator
+        path = endpoint.prefix + job_id
+        scope = None
         client = auth.ANONYMOUS
-        if authenticator.enabled:
+        if self.authenticator.enabled:
+            scope = self._scope(conn, path, job_id, headers)
             try:
-                client = authenticator.authenticate(scope)
+                client = self.authenticator.authenticate(scope)
             except auth.Unauthorized:
                 return None  # AuthMiddleware answers (and logs) the 401
-        scope["state"]["client"] = client
-        entry = None
+            scope["state"]["client"] = client
         if endpoint.reads is not None:
             key = (prefix, job_id, client, tuple(headers))
             record = manager.store.get(job_id)
@@ -259,6 +257,8 @@ class FastPath:
             if entry is None:
                 paths = [str(p) for p in endpoint.reads(manager, job_id)]
                 stats = [_stat(p) for p in paths]
+                if scope is None:
+                    scope = self._scope(conn, path, job_id, headers, client)
                 entry = self._render(endpoint, scope)
                 if entry is None:
                     return None
@@ -266,17 +266,36 @@ class FastPath:
                 entry.checked = time.monotonic()
                 self.cache.put(key, entry)
         else:
+            if scope is None:
+                scope = self._scope(conn, path, job_id, headers, client)
             entry = self._render(endpoint, scope)
             if entry is None:
                 return None
         status = entry.status
         answer = b"".join((STATUS_LINES[status], self._default_headers(conn), entry.tail))
-        counters = self.app.state.metrics
-        counters.observe_request("GET", endpoint.template, status, 0, entry.body_size)
-        counters.observe_fast(endpoint.template)
+        self.metrics.observe_request("GET", endpoint.template, status, 0, entry.body_size)
+        self.metrics.observe_fast(endpoint.template)
         if self.note is not None:
-            self.note(scope, status, started)
+            self.note(scope or {"client": conn.client, "method": "GET", "path": path,
+                                "state": {"client": client}}, status, started)
         return answer
+
+    def _scope(self, conn: Any, path: str, job_id: str, headers: list[tuple[bytes, bytes]],
+               client: auth.Client | None = None) -> dict[str, Any]:
+        """The ASGI scope uvicorn and the router would give the endpoint (after the
+        middleware: `state["client"]` is the caller)."""
+        scope: dict[str, Any] = {
+            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1", "server": conn.server, "client": conn.client,
+            "scheme": conn.scheme, "method": "GET", "root_path": "", "path": path,
+            "raw_path": path.encode("ascii"), "query_string": b"", "headers": headers,
+            "state": conn.app_state.copy(), "app": self.app, "path_params": {"id": job_id},
+        }
+        if conn.tls is not None:
+            scope["extensions"] = {"tls": dict(conn.tls)}
+        if client is not None:
+            scope["state"]["client"] = client
+        return scope
 
     def _render(self, endpoint: Endpoint, scope: dict[str, Any]) -> Cached | None:
         """The endpoint's answer as bytes after uvicorn's default headers, or None."""
@@ -310,7 +329,7 @@ def _endpoint(routes: Sequence[Any], prefix: str) -> Endpoint | None:
     for route in routes:
         if isinstance(route, Route) and route.path == template and \
                 "GET" in (route.methods or ()):
-            return Endpoint(template, route.endpoint, READS[prefix])
+            return Endpoint(prefix, route.endpoint, READS[prefix])
     return None
 
 

@@ -181,7 +181,11 @@ class Connection(H11Protocol):
             end = data.find(b"\r\n\r\n", start)
             if end < 0:
                 break
-            answer = self.fast.answer(data[start:end], self)
+            try:
+                answer = self.fast.answer(data[start:end], self)
+            except Exception:  # never the connection's end: the normal path serves it
+                log.exception("the fast path failed on a request; the normal path serves it")
+                answer = None
             if answer is None:
                 break
             answers.append(answer)

@@ -111,11 +111,12 @@ class Cached:
         self.body_size = body_size
 
 
-def _stat(path: str) -> tuple[int, int, int] | None:
+def _stat(path: str) -> tuple[int, int, int] | int:
+    """What identifies a file's content cheaply, or the errno that stat gave."""
     try:
         st = os.stat(path)
-    except FileNotFoundError:
-        return None
+    except OSError as exc:
+        return exc.errno or -1
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 

@@ -6,14 +6,18 @@ from __future__ import annotations
 import hashlib
 import re
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 
 from tests.conftest import Daemon, classic_body, wait_until
+from tests.test_authorization import pki, start, tls_context, tls_env, tls_upload
+
+__all__ = ["pki"]  # the fixture, shared with test_authorization
 
 # A request header h11 accepts and no route reads, whose tab the fast path refuses: the same
 # request, sent down the normal path.
@@ -26,10 +30,12 @@ def raw_get(target: str, extra: bytes = b"", version: bytes = b"HTTP/1.1") -> by
 
 
 class Raw:
-    """One TCP connection; answers are read by their Content-Length."""
+    """One TCP connection (TLS with `tls`); answers are read by their Content-Length."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Daemon, tls: ssl.SSLContext | None = None) -> None:
         self.sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+        if tls is not None:
+            self.sock = tls.wrap_socket(self.sock, server_hostname="127.0.0.1")
         self.buffer = b""
 
     def close(self) -> None:
@@ -59,8 +65,8 @@ class Raw:
         return not self.buffer and not self._fill()
 
 
-def exchange(daemon: Daemon, request: bytes) -> bytes:
-    raw = Raw(daemon)
+def exchange(daemon: Daemon, request: bytes, tls: ssl.SSLContext | None = None) -> bytes:
+    raw = Raw(daemon, tls)
     try:
         raw.send(request)
         return raw.answer()
@@ -80,13 +86,14 @@ def fast_count(daemon: Daemon) -> int:
         r'^jobd_http_fast_path_requests_total\{.*\} (\d+)$', text, re.M))
 
 
-def same_both_ways(daemon: Daemon, target: str, extra: bytes = b"") -> bytes:
+def same_both_ways(daemon: Daemon, target: str, extra: bytes = b"",
+                   tls: ssl.SSLContext | None = None) -> bytes:
     """The fast answer to `target`, checked equal (but the date) to the normal one, and
     checked to have come from the fast path."""
     before = fast_count(daemon)
-    fast = exchange(daemon, raw_get(target, extra))
+    fast = exchange(daemon, raw_get(target, extra), tls)
     assert fast_count(daemon) == before + 1, "the fast path did not serve it"
-    normal = exchange(daemon, raw_get(target, extra + NORMAL))
+    normal = exchange(daemon, raw_get(target, extra + NORMAL), tls)
     assert fast_count(daemon) == before + 1, "the fast path served the NORMAL request"
     assert undated(fast) == undated(normal)
     return fast
@@ -354,3 +361,27 @@ def test_fast_path_can_be_turned_off(daemon_factory: Callable[..., Daemon]) -> N
     off.wait_done("j")
     assert b'"ID":"j"' in exchange(off, raw_get("/api/get/j"))
     assert fast_count(off) == 0
+
+
+def test_mutual_tls_answers_fast_by_certificate(zipapp: Path, tmp_path: Path,
+                                                pki: dict[str, Any]) -> None:
+    """Over TLS the certificate names the caller (the ASGI TLS extension the fast path hands
+    the authenticator): the owner and an admin get the job, another client a 404."""
+    daemon = start(zipapp, tmp_path / "mtls", verify=tls_context(pki, "ops"),
+                   JOBD_TLS_CLIENT_CA=str(pki["where"] / "ca.pem"),
+                   JOBD_TLS_ADMINS="ops", **tls_env(pki))
+    try:
+        job_id = tls_upload(daemon, pki, "alice")
+        wait_until(lambda: daemon.client.get(f"/api/get/{job_id}").status_code == 200,
+                   what="alice's job")
+        alice = same_both_ways(daemon, f"/api/get/{job_id}", tls=tls_context(pki, "alice"))
+        assert f'"ID":"{job_id}"'.encode() in alice
+        admin = same_both_ways(daemon, f"/api/get/{job_id}", tls=tls_context(pki, "ops"))
+        assert undated(admin) == undated(alice)
+        bob = tls_context(pki, "bob")
+        ghost = same_both_ways(daemon, "/api/get/no-such-job", tls=bob)
+        assert undated(same_both_ways(daemon, f"/api/get/{job_id}", tls=bob)) == undated(ghost)
+        assert "client=alice" in daemon.log()
+    finally:
+        daemon.stop()
+        daemon.client.close()

@@ -33,6 +33,7 @@ ones above. Otherwise that route, or the whole fast path, stays off.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -263,7 +264,9 @@ class FastPath:
                 entry = self._render(endpoint, scope)
                 if entry is None:
                     return None
-                entry.record, entry.paths, entry.stats = record, paths, stats
+                # a copy of its own: equality must hold against later states even if the
+                # store ever handed out a live record
+                entry.record, entry.paths, entry.stats = copy.deepcopy(record), paths, stats
                 entry.checked = time.monotonic()
                 self.cache.put(key, entry)
         else:

@@ -219,6 +219,18 @@ def test_keep_alive_and_pipelining(daemon: Daemon, jobs: dict[str, str]) -> None
         raw.close()
 
 
+def test_a_long_pipeline_is_answered_in_order(daemon: Daemon, jobs: dict[str, str]) -> None:
+    """More requests in one packet than the fast path takes at once: the rest go to h11."""
+    order = ["/api/get/ok", "/api/get/bad", "/api/v1/jobs/ok"] * 100
+    alone = {t: undated(exchange(daemon, raw_get(t))) for t in set(order)}
+    raw = Raw(daemon)
+    try:
+        raw.send(b"".join(raw_get(t) for t in order))
+        assert [undated(raw.answer()) for _ in order] == [alone[t] for t in order]
+    finally:
+        raw.close()
+
+
 def test_partial_heads_split_across_packets(daemon: Daemon, jobs: dict[str, str]) -> None:
     request = raw_get("/api/get/ok")
     expected = undated(exchange(daemon, request))

@@ -26,6 +26,10 @@ per-job secrets (the endpoint's `JobManager.get(id, client_of(request))`), the b
 endpoint renders it), the `/metrics` request counters (`Metrics.observe_request` with the
 route's template) and the access log line (`app.RequestLog.note`).
 
+Classic answers (the record plus the base64 of result.zip, read from disk) are cached per
+request and reused while the job's record is unchanged (`AnswerCache`); the native job view
+is rendered each time.
+
 At start (`FastPath.of`) it checks the routing table: each prefix must be served by a `GET`
 route with that template and nothing before it may match; the app's middleware must be the
 ones above. Otherwise that route, or the whole fast path, stays off.

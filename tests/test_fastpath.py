@@ -397,3 +397,11 @@ def test_mutual_tls_answers_fast_by_certificate(zipapp: Path, tmp_path: Path,
     finally:
         daemon.stop()
         daemon.client.close()
+
+
+def test_locked_mode_reads_the_same(daemon_factory: Callable[..., Daemon]) -> None:
+    """Locked mode refuses uploads; reads are the endpoints' business, fast or not."""
+    locked = daemon_factory(JOBD_LOCKED="true")
+    assert locked.upload("refused", {"run.sh": "true\n"}).status_code == 403
+    same_both_ways(locked, "/api/get/refused")
+    same_both_ways(locked, "/api/v1/jobs/refused")

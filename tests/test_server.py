@@ -1,5 +1,6 @@
-"""server.py's log handler and connection.py's date header, in process; the daemon's prompt
-stop on a signal without the server tick is covered by test_classic's SIGTERM test."""
+"""server.py's log handler, connection.py's date header and keep-alive timeout with the fast
+path, in process; the daemon's prompt stop on a signal without the server tick is covered by
+test_classic's SIGTERM test."""
 
 from __future__ import annotations
 
@@ -9,10 +10,17 @@ import logging
 import threading
 import time
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from types import SimpleNamespace
 
-from jobd.connection import DateHeader
-from jobd.server import LineHandler, UTCFormatter
+import uvicorn
+
+from jobd.app import create_app
+from jobd.config import Config
+from jobd.connection import DateHeader, connection_class
+from jobd.fastpath import FastPath
+from jobd.server import DaemonServer, LineHandler, UTCFormatter
+from tests.conftest import free_port
 
 
 def _logger(stream: io.StringIO) -> tuple[logging.Logger, LineHandler]:
@@ -91,3 +99,49 @@ def test_date_header_is_current_and_computed_once_a_second() -> None:
     assert abs(parsedate_to_datetime(first[0][1].decode()).timestamp() - time.time()) < 2
     assert dates.current(config) is first or int(time.time()) != dates.second
     assert DateHeader().current(SimpleNamespace(date_header=False, encoded_headers=[])) == []
+
+
+def test_keep_alive_counts_from_the_last_fast_answer(tmp_path: Path) -> None:
+    """uvicorn's keep-alive timeout (1 s here) still closes an idle connection, counted from
+    the last answer the fast path gave, not from the first."""
+    config = Config.load(overrides={"datapath": tmp_path / "data", "db_path": tmp_path / "db",
+                                    "allow_root": True, "access_log": False})
+    app = create_app(config)
+    fast = FastPath.of(app, config)
+    assert fast is not None
+    port = free_port()
+    server = DaemonServer(uvicorn.Config(
+        app, host="127.0.0.1", port=port, loop="asyncio", http=connection_class(30.0, fast),
+        lifespan="on", log_config=None, timeout_keep_alive=1), app.state)
+    request = b"GET /api/get/nope HTTP/1.1\r\nHost: jobd\r\n\r\n"
+
+    async def client() -> tuple[list[bytes], float, bytes]:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        lines = []
+        for _ in range(4):  # 1.8 s of use: beyond the timeout, never idle that long
+            writer.write(request)
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(65536), 5)
+            lines.append(answer.split(b"\r\n", 1)[0])
+            await asyncio.sleep(0.6)
+        idle_from = time.monotonic() - 0.6
+        rest = await asyncio.wait_for(reader.read(65536), 10)
+        idle = time.monotonic() - idle_from
+        writer.close()
+        server.should_exit = True  # and wake the server loop, as handle_exit does
+        assert server._wake is not None
+        server._wake.set()
+        return lines, idle, rest
+
+    async def main() -> tuple[list[bytes], float, bytes]:
+        _, result = await asyncio.gather(server.serve(), client())
+        return result
+
+    lines, idle, rest = asyncio.run(main())
+    assert lines == [b"HTTP/1.1 404 Not Found"] * 4
+    assert rest == b"" and 0.9 <= idle < 3.0
+    assert app.state.metrics.fast == {"/api/get/{id}": 4}

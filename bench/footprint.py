@@ -3,7 +3,8 @@
 Start time is from `Popen` to the first 200 of `/health` (polled every 2 ms over fresh
 connections). The first start unpacks the zipapp's dependencies into an empty SHIV_ROOT;
 later starts reuse it. Idle CPU is the run time of the daemon's threads (schedstat, in ns)
-over the idle window, after the daemon settled for a few seconds.
+over the idle window, after the daemon settled for a few seconds, and its wake-ups are the
+context switches of its threads over the same window.
 """
 
 from __future__ import annotations
@@ -30,6 +31,21 @@ def python_floor(repeats: int, code: str = "pass", path: str = "") -> float:
 
 
 DEPENDENCIES = "import uvicorn, starlette.applications, starlette.responses, tinydb"
+
+
+def wakeups(pid: int) -> int:
+    """Context switches of the process's live threads so far: how often an idle daemon
+    woke up (each sleep that ends is one voluntary switch)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "status").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread ended meanwhile
+        for line in text.splitlines():
+            if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+                total += int(line.split()[1])
+    return total
 
 
 def run(workdir: Path, *, stored: int = 100_000, idle_seconds: float = 60.0,
@@ -70,15 +86,17 @@ def run(workdir: Path, *, stored: int = 100_000, idle_seconds: float = 60.0,
     with Jobd(workdir / "idle", shiv_root=shared, stored=stored) as daemon:
         section.add(f"start to /health with {stored:,} stored", ms(daemon.start_seconds))
         time.sleep(min(3.0, idle_seconds / 4))
-        cpu0, t0 = daemon.cpu_ns(), time.perf_counter()
+        cpu0, t0, woke0 = daemon.cpu_ns(), time.perf_counter(), wakeups(daemon.pid)
         time.sleep(idle_seconds)
         cpu = (daemon.cpu_ns() - cpu0) / 1e9 / (time.perf_counter() - t0)
+        woke = (wakeups(daemon.pid) - woke0) / (time.perf_counter() - t0)
         rss = daemon.status_kib("VmRSS") * 1024
         hwm = daemon.status_kib("VmHWM") * 1024
     section.add(f"idle RSS, {stored:,} stored", mib(rss), f"peak while loading: {mib(hwm)}",
                 target="≤ 32 MiB", met=rss <= 32 << 20)
     section.add(f"idle CPU, {stored:,} stored", f"{cpu * 100:.3f}%", target="< 0.1%",
                 met=cpu < 0.001)
+    section.add("idle wake-ups (context switches of its threads)", f"{woke:.1f}/s")
     section.notes.append("idle CPU: run time of the daemon's threads from "
                          "/proc/<pid>/task/*/schedstat (ns) over the window")
     return section

@@ -2,6 +2,8 @@
 
 `wrk` keeps every connection open for the whole run and fires `GET /api/get/{id}` of a small
 finished job (the record plus its base64 result, about 1 KB) as fast as answers come back.
+The share of those the connection layer's fast path answered (jobd/fastpath.py) comes from
+`/metrics`.
 """
 
 from __future__ import annotations
@@ -40,6 +42,16 @@ def parse_wrk(out: str) -> dict[str, float]:
     return figures
 
 
+def fast_share(metrics: str, route: str = "/api/get/{id}") -> float:
+    """Of the requests to `route` counted in /metrics, the share the fast path answered."""
+    total = sum(int(n) for n in re.findall(
+        rf'^jobd_http_requests_total{{method="GET",route="{re.escape(route)}",code="\d+"}} (\d+)$',
+        metrics, re.M))
+    fast = re.search(rf'^jobd_http_fast_path_requests_total{{route="{re.escape(route)}"}} (\d+)$',
+                     metrics, re.M)
+    return int(fast.group(1)) / total if fast and total else 0.0
+
+
 def run(workdir: Path, *, connections: int = 1000, seconds: float = 60.0,
         stored: int = 10_000) -> Section:
     section = Section(f"6. Load: {connections:,} connections reading a job's status for "
@@ -67,6 +79,8 @@ def run(workdir: Path, *, connections: int = 1000, seconds: float = 60.0,
         peak = daemon.status_kib("VmHWM") * 1024
         time.sleep(2.0)
         after = daemon.status_kib("VmRSS") * 1024
+        with daemon.conn() as conn:
+            fast = fast_share(conn.request("GET", "/metrics").body.decode())
     got = parse_wrk(out)
     errors = int(got["socket errors"] + got["non-2xx"])
     section.add("requests/s", f"{got['rps']:.0f}")
@@ -75,6 +89,7 @@ def run(workdir: Path, *, connections: int = 1000, seconds: float = 60.0,
     section.add("errors (socket errors + non-2xx)", f"{errors} of {int(got['requests']):,}",
                 target="0", met=errors == 0)
     growth = after - before
+    section.add("answered by the fast path", f"{fast:.1%}")
     section.add("RSS before / peak / 2 s after", f"{mib(before)} / {mib(peak)} / {mib(after)}",
                 target="flat (after - before ≤ 16 MiB)", met=growth <= 16 << 20)
     return section

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from jobd import api, classic, limits, metrics, openapi, orchestrator
+from jobd import api, classic, limits, metrics, orchestrator
 from jobd.auth import Authenticator, AuthMiddleware
 from jobd.config import Config
 from jobd.manager import JobManager, Rejected
@@ -29,6 +29,18 @@ log = logging.getLogger("jobd.http")
 
 async def health(request: Request) -> Response:
     return JSONResponse({"status": "healthy"})
+
+
+async def openapi_json(request: Request) -> Response:
+    """`GET /openapi.json`: jobd/openapi.py (a large document) is loaded on first use."""
+    from jobd import openapi
+    return await openapi.openapi_json(request)
+
+
+async def docs(request: Request) -> Response:
+    """`GET /docs`, loaded on first use like the document it renders."""
+    from jobd import openapi
+    return await openapi.docs(request)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -68,11 +80,17 @@ class RequestLog:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            client = scope.get("client") or ("-", 0)
-            caller = getattr((scope.get("state") or {}).get("client"), "name", None)
-            log.info('%s "%s %s" %d %.1fms%s', client[0], scope["method"], scope["path"],
-                     status, (time.perf_counter() - started) * 1000,
-                     f" client={caller}" if caller else "")
+            self.note(scope, status, started)
+
+    @staticmethod
+    def note(scope: Scope, status: int, started: float) -> None:
+        """The line for one request (`started`: its `time.perf_counter()`); the fast path
+        (fastpath.py) writes its requests' lines with this too."""
+        client = scope.get("client") or ("-", 0)
+        caller = getattr((scope.get("state") or {}).get("client"), "name", None)
+        log.info('%s "%s %s" %d %.1fms%s', client[0], scope["method"], scope["path"],
+                 status, (time.perf_counter() - started) * 1000,
+                 f" client={caller}" if caller else "")
 
 
 def load_configured_specs(config: Config) -> dict[str, Spec]:
@@ -122,7 +140,8 @@ def create_app(config: Config, *, store: JobStore | None = None,
         Route("/health", health, methods=["GET"]),
         *classic.routes,
         *api.routes,
-        *openapi.routes,
+        Route("/openapi.json", openapi_json, methods=["GET"]),  # openapi.routes, lazily
+        Route("/docs", docs, methods=["GET"]),
         *orchestrator.routes,
         Route("/metrics", metrics.endpoint, methods=["GET"]),
     ]

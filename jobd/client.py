@@ -11,7 +11,6 @@ table is in the README and in `jobd --help`).
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
@@ -23,8 +22,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Optional
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Optional
 from urllib.parse import quote, urlencode, urlsplit
+
+if TYPE_CHECKING:  # imported where used: the daemon, which starts through this
+    import http.client  # module's command line, never loads http.client and email
 
 DEFAULT_URL = "http://localhost:8080"
 TERMINAL = frozenset({"SUCCESS", "FAILED", "CANCELLED"})
@@ -267,6 +269,8 @@ def _counted(chunks: Iterable[bytes], progress: Progress | None) -> Iterator[byt
 
 def _error_from(response: http.client.HTTPResponse) -> HTTPError:
     """The error body's message (the `{"error", "message", "status"}` shape), else its text."""
+    import http.client
+
     try:
         raw = response.read(_ERROR_BODY_LIMIT)
     except (OSError, http.client.HTTPException):
@@ -298,6 +302,8 @@ class Response:
 
     def chunks(self, size: int = _CHUNK) -> Iterator[bytes]:
         """The body as it arrives (read1: a live log line is not held back)."""
+        import http.client
+
         try:
             while True:
                 data = self.raw.read1(size)
@@ -308,6 +314,8 @@ class Response:
             raise ClientError(f"the connection broke while reading the answer: {exc}") from exc
 
     def json(self) -> Any:
+        import http.client
+
         try:
             data = self.raw.read()
         except (OSError, http.client.HTTPException) as exc:
@@ -350,6 +358,8 @@ class Client:
     # -- transport -----------------------------------------------------------------------------
 
     def _connection(self, timeout: float | None) -> http.client.HTTPConnection:
+        import http.client
+
         if self.scheme == "https":
             return http.client.HTTPSConnection(self.host, self.port, timeout=timeout)
         return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
@@ -370,6 +380,8 @@ class Client:
         `timeout` bounds each socket operation (None: wait for ever, for followed logs);
         `answer_timeout` is the wait for the answer once the body is sent.
         """
+        import http.client
+
         timeout = self.timeout if timeout == -1.0 else timeout
         answer_timeout = timeout if answer_timeout == -1.0 else answer_timeout
         target = self.base + path

@@ -285,6 +285,10 @@ class Config:
     log_level: str = setting("info", "JOBD_LOG_LEVEL", "debug, info, warning or error.")
     access_log: bool = setting(True, "JOBD_ACCESS_LOG", "Log one line per HTTP request.",
                                parse_bool)
+    fast_path: bool = setting(True, "JOBD_FAST_PATH", "Answer job status reads (`GET "
+                              "/api/get/{id}`, `GET /api/v1/jobs/{id}`) in the connection "
+                              "layer, without the HTTP parser and middleware: same answers, "
+                              "several times the rate (ARCHITECTURE.md).", parse_bool)
     executor: str = setting("local", "JOBD_EXECUTOR", "Where jobs run unless they choose: "
                             "`local` (this machine) or `slurm` (implies JOBD_SLURM).",
                             parse_executor)

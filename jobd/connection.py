@@ -15,9 +15,18 @@
   JOBD_MAX_HEADER (h11's buffer limit) gets the JSON error shape, 431 for the size, instead of
   uvicorn's plain-text 400.
 
+- **The fast path** (fastpath.py). While the connection is between requests, each complete
+  request head is first offered to `FastPath.answer`; the status reads it serves are written
+  out at once, and the first request it does not serve, with everything after it, goes to
+  h11 as usual. Partial heads go to h11 too.
+- **The date header without a timer.** uvicorn refreshes its `date` header from a tick ten
+  times a second (server.py slows that tick down); here it is recomputed when a request
+  starts in a new second, so the header stays exact without waking an idle daemon.
+
 It subclasses `uvicorn.protocols.http.h11_impl.H11Protocol` and relies on its attributes
-`app`, `conn`, `cycle`, `transport`, `loop` and `config` (uvicorn is pinned; the tests cover
-each of the three behaviours).
+`app`, `conn`, `cycle`, `transport`, `loop`, `flow`, `config`, `server_state`,
+`timeout_keep_alive_task` and `handle_events` (uvicorn is pinned; the tests cover each
+behaviour).
 """
 
 from __future__ import annotations
@@ -25,12 +34,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
+from email.utils import formatdate
 from typing import Any
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from jobd.errors import error_bytes
+from jobd.fastpath import FastPath
 
 log = logging.getLogger("jobd.http")
 
@@ -39,6 +51,11 @@ _SHORT = {"commonName": "CN", "localityName": "L", "stateOrProvinceName": "ST",
           "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
           "streetAddress": "STREET", "domainComponent": "DC", "userId": "UID"}
 _TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
+
+
+# Most requests of one read the fast path answers; pipelined requests beyond go to h11, one
+# at a time, so one client's burst neither holds the event loop nor fills its write buffer.
+MAX_PIPELINED = 64
 
 
 def _escape(value: str) -> str:
@@ -87,30 +104,122 @@ def _with_tls(app: Any, tls: dict[str, Any]) -> Any:
     return app_with_tls
 
 
+class DateHeader:
+    """uvicorn's default response headers (`date`, then any configured), recomputed when the
+    second changes: what its tick did ten times a second, done only when a request needs it."""
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.headers: list[tuple[bytes, bytes]] = []
+
+    def current(self, config: Any) -> list[tuple[bytes, bytes]]:
+        now = time.time()
+        second = int(now)
+        if second != self.second:
+            date = [(b"date", formatdate(now, usegmt=True).encode())] \
+                if config.date_header else []
+            self.headers = date + config.encoded_headers
+            self.second = second
+        return self.headers
+
+
 class Connection(H11Protocol):
-    """uvicorn's h11 protocol plus the TLS extension, a head deadline and JSON errors."""
+    """uvicorn's h11 protocol plus the TLS extension, a head deadline, JSON errors, the fast
+    path and a date header without a timer."""
 
     header_timeout: float = 30.0
+    fast: FastPath | None = None
+    dates: DateHeader = DateHeader()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._head_timer: asyncio.TimerHandle | None = None
-        tls = tls_extension(transport)
-        if tls is not None:
-            self.app = _with_tls(self.app, tls)
+        self._answered = 0.0  # loop.time() of the last fast answer
+        self._h11_used = False  # h11 has been given data since it was last seen idle
+        self.tls = tls_extension(transport)
+        if self.tls is not None:
+            self.app = _with_tls(self.app, self.tls)
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
 
+    def handle_events(self) -> None:
+        self.server_state.default_headers = self.dates.current(self.config)
+        super().handle_events()
+
     def data_received(self, data: bytes) -> None:
+        if self.fast is not None and self._idle():
+            data = self._serve_fast(data)
+            if not data:
+                return
         before = self.cycle
+        self._h11_used = True
         super().data_received(data)
         if self.cycle is not before:  # a request head is complete
             self._disarm()
         elif before is None or before.response_complete:  # between requests: a head begins
             self._arm()
+
+    def _idle(self) -> bool:
+        """Between requests, with nothing buffered in h11 and the peer reading answers."""
+        if self.flow.write_paused or self.transport.is_closing():
+            return False
+        if not self._h11_used:  # h11 is as new: no need to ask it
+            return True
+        cycle = self.cycle
+        if (cycle is None or cycle.response_complete) and self.conn.our_state is h11.IDLE \
+                and self.conn.their_state is h11.IDLE and not self.conn.trailing_data[0]:
+            self._h11_used = False
+            return True
+        return False
+
+    def _serve_fast(self, data: bytes) -> bytes:
+        """Answer the leading requests of `data` the fast path serves; the rest, from the
+        first request it does not serve (or a partial head), is returned for h11."""
+        assert self.fast is not None
+        answers = []
+        start = 0
+        self.server_state.default_headers = self.dates.current(self.config)
+        while len(answers) < MAX_PIPELINED:
+            end = data.find(b"\r\n\r\n", start)
+            if end < 0:
+                break
+            try:
+                answer = self.fast.answer(data[start:end], self)
+            except Exception:  # never the connection's end: the normal path serves it
+                log.exception("the fast path failed on a request; the normal path serves it")
+                answer = None
+            if answer is None:
+                break
+            answers.append(answer)
+            start = end + 4
+        if not answers:
+            return data
+        self.transport.write(b"".join(answers) if len(answers) > 1 else answers[0])
+        self.server_state.total_requests += len(answers)
+        self._disarm()
+        if start < len(data):
+            return data[start:]  # h11 takes over, and uvicorn's keep-alive handling with it
+        # The keep-alive timeout counts from now: rather than a new timer per request (a
+        # cancelled timer stays in the loop's heap until it would have fired), the one
+        # armed stays and looks at `_answered` when it fires.
+        self._answered = self.loop.time()
+        if self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler)
+        return b""
+
+    def timeout_keep_alive_handler(self) -> None:
+        """uvicorn's keep-alive timeout, counted from the last fast answer if later."""
+        left = self._answered + self.timeout_keep_alive - self.loop.time()
+        if left > 0 and self._idle():
+            self.timeout_keep_alive_task = self.loop.call_later(
+                left, self.timeout_keep_alive_handler)
+            return
+        self.timeout_keep_alive_task = None
+        super().timeout_keep_alive_handler()
 
     def _arm(self) -> None:
         if self._head_timer is None and self.header_timeout > 0 \
@@ -157,6 +266,8 @@ class Connection(H11Protocol):
         self.transport.close()
 
 
-def connection_class(header_timeout: float) -> type[Connection]:
-    """The protocol class uvicorn is given (`http=`), with jobd's head deadline."""
-    return type("JobdConnection", (Connection,), {"header_timeout": header_timeout})
+def connection_class(header_timeout: float, fast: FastPath | None = None) -> type[Connection]:
+    """The protocol class uvicorn is given (`http=`), with jobd's head deadline and the fast
+    path (None: every request goes through h11 and the app)."""
+    return type("JobdConnection", (Connection,), {"header_timeout": header_timeout,
+                                                  "fast": fast, "dates": DateHeader()})

@@ -9,7 +9,9 @@ What is exposed, and where it comes from:
   route (`jobd_http_request_body_bytes_total` is bytes in: uploads;
   `jobd_http_response_body_bytes_total` bytes out: results served), counted by the `HTTPMetrics`
   ASGI middleware. Routes are the routing table's templates (`/api/get/{id}`), never raw
-  paths, and `other` for paths no route matches, so the number of series stays bounded.
+  paths, and `other` for paths no route matches, so the number of series stays bounded;
+- `jobd_http_fast_path_requests_total{route}`: of those, the status reads the connection
+  layer answered itself (fastpath.py), which counts them in the series above as well.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class Metrics:
         self.requests: dict[tuple[str, str, str], int] = {}
         self.bytes_in: dict[str, int] = {}
         self.bytes_out: dict[str, int] = {}
+        self.fast: dict[str, int] = {}
         self.durations = Histogram(DURATION_BUCKETS)
 
     def observe_request(self, method: str, route: str, code: int, received: int,
@@ -67,6 +70,10 @@ class Metrics:
             self.bytes_in[route] = self.bytes_in.get(route, 0) + received
         if sent:
             self.bytes_out[route] = self.bytes_out.get(route, 0) + sent
+
+    def observe_fast(self, route: str) -> None:
+        """A request the fast path answered (also counted by `observe_request`)."""
+        self.fast[route] = self.fast.get(route, 0) + 1
 
     def observe_job(self, record: dict[str, Any]) -> None:
         """A job-end listener: the run time of a job that ran."""
@@ -101,6 +108,9 @@ class Metrics:
         _family(out, "jobd_http_response_body_bytes_total", "counter",
                 "Response body bytes sent, by route (results served are bytes out).",
                 ((_labels(route=r), n) for r, n in sorted(self.bytes_out.items())))
+        _family(out, "jobd_http_fast_path_requests_total", "counter",
+                "Of the HTTP requests, the status reads answered by the fast path, by route.",
+                ((_labels(route=r), n) for r, n in sorted(self.fast.items())))
         return "\n".join(out) + "\n"
 
     def _render_histogram(self, out: list[str]) -> None:

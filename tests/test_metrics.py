@@ -184,7 +184,8 @@ def test_metrics_after_some_jobs(daemon: Daemon) -> None:
                          ("jobd_job_duration_seconds", "histogram"),
                          ("jobd_http_requests_total", "counter"),
                          ("jobd_http_request_body_bytes_total", "counter"),
-                         ("jobd_http_response_body_bytes_total", "counter")]:
+                         ("jobd_http_response_body_bytes_total", "counter"),
+                         ("jobd_http_fast_path_requests_total", "counter")]:
         assert families[family]["type"] == kind and families[family]["help"]
 
     assert value(samples, "jobd_jobs", status="SUCCESS") == 2
@@ -209,6 +210,7 @@ def test_metrics_after_some_jobs(daemon: Daemon) -> None:
                  code="404") == 1
     assert value(samples, "jobd_http_requests_total", method="GET", route="/api/get/{id}",
                  code="404") == 1
+    assert value(samples, "jobd_http_fast_path_requests_total", route="/api/get/{id}") >= 1
     assert value(samples, "jobd_http_request_body_bytes_total", route="/submit") > 3000
     assert value(samples, "jobd_http_response_body_bytes_total",
                  route="/retrieve/{id}") >= len(result.content)

@@ -624,7 +624,8 @@ class JobManager:
             changes.update(status=job.FAILED, message=f"could not pack the result: {exc}")
         self._move(record, changes, durable=False, wake=False)
         await self.store.commit()  # shares its fsync with every job ending meanwhile
-        # The caller then tells listeners and waiters: a client sees the end once it is on disk.
+        # The caller then tells listeners and waiters, once the end is on disk (a poll may
+        # see it a moment earlier: a crash then would run the job again, not lose it).
 
     def _environment(self, record: dict[str, Any], files: JobFiles) -> dict[str, str]:
         """The job's clean environment (the same for every executor): the minimal set, the

@@ -79,8 +79,9 @@ _ERROR_BODY_LIMIT = 64 * 1024
 Progress = Callable[[int], None]  # called with the bytes just transferred
 
 
-# Seconds one long poll of `wait` may take (the daemon allows up to 300).
-LONG_POLL = 60
+# Seconds one long poll of `wait` may take (the daemon allows up to 300); under the 60 s
+# that proxies (nginx, load balancers) commonly allow a quiet request.
+LONG_POLL = 25
 
 
 class ClientError(Exception):
@@ -529,6 +530,9 @@ class Client:
                                        query={"wait": LONG_POLL},
                                        answer_timeout=LONG_POLL + 30)
                 except HTTPError as exc:
+                    if exc.status in (502, 503, 504):  # a proxy that cut the wait short
+                        time.sleep(interval)
+                        continue
                     if exc.status != 400 or "wait" not in exc.message:
                         raise
                     long_poll = False  # an older jobd

@@ -120,6 +120,9 @@ _LEFTOVER_WAIT = 5.0
 # Inputs up to this size are unpacked on the event loop: even at deflate's maximal ratio they
 # write a few MiB, less time than handing the work to a thread and back.
 SMALL_INPUT = 4096
+# More jobs than this (or a tenth of those waiting) without their input at start means a
+# wrong DATAPATH rather than a crash while storing: they are kept (`_drop_unacknowledged`).
+_UNACKNOWLEDGED_MAX = 8
 # The longest a long poll (`GET ...?wait=SECONDS`) holds its request.
 MAX_WAIT = 300.0
 
@@ -252,16 +255,7 @@ class JobManager:
 
     def _recover(self) -> None:
         """Jobs that were running when the daemon died go back to the queue."""
-        for status in (job.QUEUED, *job.ACTIVE):
-            for job_id in self.store.ids_with_status(status):
-                record = self.store.get(job_id)
-                if record is not None and record.get("executor", "local") == "local" \
-                        and not self.files(job_id).input.exists():
-                    # An acknowledged job's input is on disk (`create` waits for it): this
-                    # one was being stored when jobd died, and its client got no answer.
-                    log.warning("job %s: removed, its input never reached the disk (jobd "
-                                "stopped while storing it, before acknowledging it)", job_id)
-                    self.store.delete(job_id)
+        self._drop_unacknowledged()
         for status in job.ACTIVE:
             for job_id in self.store.ids_with_status(status):
                 record = self.store.get(job_id)
@@ -273,6 +267,38 @@ class JobManager:
                 changes = job.requeue_fields(record, self.config.max_attempts,
                                              "the daemon restarted while it ran")
                 self._move(record, changes, durable=True)
+
+    def _drop_unacknowledged(self) -> None:
+        """Remove jobs whose input never fully reached the disk: jobd died while storing
+        them, before their 201 (`create` waits for the input). Their clients got no answer;
+        without the record, a retry with the same id works.
+
+        Many at once means something else (DATAPATH not mounted, or another database's):
+        then nothing is removed, and the jobs fail when they run, saying why.
+        """
+        suspects = []
+        pending = [i for s in (job.QUEUED, *job.ACTIVE) for i in self.store.ids_with_status(s)]
+        for job_id in pending:
+            record = self.store.get(job_id)
+            if record is None or record.get("executor", "local") != "local":
+                continue
+            try:
+                size = self.files(job_id).input.stat().st_size
+            except FileNotFoundError:
+                size = None
+            if size != record.get("input_size", size):
+                suspects.append(job_id)
+        if not suspects:
+            return
+        if len(suspects) > max(_UNACKNOWLEDGED_MAX, len(pending) // 10):
+            log.error("%d of %d queued or running jobs have no complete input under %s: is "
+                      "DATAPATH the data of this database (DB_PATH)? Keeping them.",
+                      len(suspects), len(pending), self.data.root)
+            return
+        for job_id in suspects:
+            log.warning("job %s: removed, its input never fully reached the disk (jobd "
+                        "stopped while storing it, before acknowledging it)", job_id)
+            self.store.delete(job_id)
 
     def _clean_disk(self) -> None:
         """Remove what a crash can leave behind: half uploads, trash, directories of no job."""
@@ -380,8 +406,18 @@ class JobManager:
             await self.store.commit([files.input, files.root, self.data.root])
         except (OSError, StoreError) as exc:
             log.error("job %s: not acknowledged, it could not be stored durably: %s", job_id, exc)
+            await self._withdraw(job_id)
             raise NotStored(f"the job could not be stored: {exc}") from exc
         return record
+
+    async def _withdraw(self, job_id: str) -> None:
+        """Undo a create whose answer is an error: the job must not run, nor stay stored."""
+        try:
+            if self.store.get(job_id) is not None:
+                await self.cancel(job_id)
+                await self._delete(job_id)
+        except (OSError, StoreError, KeyError) as exc:  # the store may be unwritable now
+            log.error("job %s: could not withdraw it: %s", job_id, exc)
 
     async def check_input(self, upload: Path, entry: str | None = "run.sh") -> None:
         """archive.check_zip within this daemon's limits: on the event loop for a small
@@ -497,7 +533,8 @@ class JobManager:
     async def delete(self, job_id: str, *, client: Client | None = None) -> None:
         """Delete a finished or queued job with its files."""
         record = self.get(job_id, client)
-        if record["status"] in job.ACTIVE or self.scheduler.is_running(job_id):
+        if record["status"] in job.ACTIVE or (not job.is_terminal(record["status"])
+                                              and self.scheduler.is_running(job_id)):
             raise Conflict(f"job is {record['status']}: cancel it before deleting it")
         self.scheduler.discard(job_id)
         await self._delete(job_id)
@@ -612,8 +649,10 @@ class JobManager:
         self._mean_run = 0.8 * self._mean_run + 0.2 * max(0.0, time.time() - started)
         changes = job.outcome_fields(outcome.exit_code, outcome.signal, reason=outcome.reason)
         try:
-            if all(pack.is_small(d) for d in (files.work, files.home, files.tmp)):
-                size, found = self._pack(files)  # less than a thread hop costs
+            if record.get("executor", "local") == "local" and \
+                    all(pack.is_small(d) for d in (files.work, files.home, files.tmp)):
+                size, found = self._pack(files)  # less than a thread hop costs (not on a
+                # cluster's shared storage, whose latency must not stall the loop)
             else:
                 size, found = await asyncio.to_thread(self._pack, files)
             # On disk before the record says it exists; shared with other jobs' rounds.
@@ -700,6 +739,13 @@ class JobManager:
         who = f" as uid {identity.uid}" if identity is not None else ""
         log.info("job %s started%s, pid %d", job_id, who, process.pid)
         self._processes[job_id] = process
+        # A cancel or a stop that came while the start awaited (a cgroup move) found no
+        # process to end: it is ended now.
+        if job_id in self._cancel_requested or self._stopping:
+            if job_id in self._cancel_requested:
+                await process.terminate("cancelled", self.config.kill_grace)
+            else:
+                await process.terminate(SHUTDOWN, self.config.shutdown_grace)
         timer = None
         if timeout > 0:
             reason = f"timed out after {timeout:g}s"

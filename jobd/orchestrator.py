@@ -218,7 +218,7 @@ async def retrieve_partial(request: Request, manager: JobManager, job_id: str,
     files = manager.files(job_id)
     if record["status"] in job.ACTIVE:
         try:
-            chunks = pack.iter_zip(files.work)
+            chunks = await asyncio.to_thread(pack.iter_zip, files.work)  # it starts packing
         except OSError:
             log.debug("job %s: no working directory to snapshot", job_id)
         else:

@@ -19,10 +19,12 @@ kills the child: the job never runs unconfined. The gate holds a job only when t
 something to apply: rlimits, or cgroup limits. Moving a process into a cgroup takes the kernel's
 global cgroup_threadgroup_rwsem for writing, which waits for an RCU grace period (10 to 15 ms
 here; CLONE_INTO_CGROUP would avoid it, but Python's subprocess cannot use it), so it runs in a
-worker thread, never on the event loop. A job with no limits starts without the gate (one exec
-less) and joins its cgroup in the background: a process it forks in those first milliseconds
-stays outside the cgroup but in its process group, with its marker (below), and is killed
-with it all the same. The cgroup then serves containment only, which is all it can do there.
+worker thread, never on the event loop. A job with no limits that runs as jobd's own user (or
+as root, when allowed) starts without the gate (one exec less) and joins its cgroup in the
+background: a process it forks in those first milliseconds stays outside the cgroup. It is
+still in the job's session and carries its marker (below), so it is killed with the job,
+unless it deliberately leaves both (`setsid` plus `env -i`); such a process runs as that same
+user, which could do more anyway. A job switched to another uid always waits at the gate.
 
 One exception: the kernel lets `prlimit` reach a process of another uid only with
 CAP_SYS_RESOURCE, which Docker drops by default. A job switched to another uid by a jobd without
@@ -59,10 +61,6 @@ GATE_SHELL = "/bin/sh"
 _CAP_SYS_RESOURCE = 24
 # The shell adds PWD (and OLDPWD) to what it passes on; the job's environment stays as given.
 GATE = 'unset PWD OLDPWD; read _ || exit 111; exec "$@" </dev/null'
-
-# A job younger than this has its leftovers looked for among the pids allocated since it
-# started (`created_since`), not in all of /proc.
-_SHORT_JOB = 1.0
 
 # Interpreters for entry points without a shebang, by extension.
 INTERPRETERS = {".py": "python3", ".sh": "bash", ".r": "Rscript", ".js": "node"}
@@ -274,6 +272,10 @@ def _pid_max() -> int:
 
 
 _PID_MAX = _pid_max()
+# A job younger than this has its leftovers looked for among the pids allocated since it
+# started (`created_since`), not in all of /proc: the time in which the pid counter cannot go
+# round, even at 100,000 forks a second (0.33 s where pid_max is 32768).
+_SHORT_JOB = min(1.0, _PID_MAX / 100_000)
 
 
 def _last_pid() -> int | None:
@@ -370,7 +372,9 @@ class LocalExecutor:
         if limits is not None and switching and not self._prlimit_others:
             preexec = limits.in_child()
             limits = None  # the child sets them itself
-        gated = limits is not None or (cgroup is not None and cgroup.limited)
+        # Confined before it runs: when there are limits, and when it runs as another user,
+        # whose escaped process would outlive the job as a uid later given to another job.
+        gated = limits is not None or (cgroup is not None and (cgroup.limited or switching))
         command = [GATE_SHELL, "-c", GATE, "jobd-gate", *argv] if gated else list(argv)
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         try:

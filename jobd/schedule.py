@@ -113,7 +113,10 @@ class Scheduler:
                     self._push(record)
 
     def _start_ready(self) -> None:
-        while self._accepting and self._heap and len(self._running) < self.slots:
+        # Jobs being packed count too, up to as many again: packing may be slower than the
+        # jobs, and their working directories must not pile up without bound.
+        while self._accepting and self._heap and len(self._running) < self.slots and \
+                len(self._finishing) < self.slots:
             _, _, job_id = heapq.heappop(self._heap)
             self._queued.discard(job_id)
             record = self._store.get(job_id)
@@ -130,6 +133,9 @@ class Scheduler:
         finally:
             self._running.pop(job_id, None)
             self._finishing.pop(job_id, None)
+            record = self._store.get(job_id)
+            if record is not None and record["status"] == job.QUEUED:
+                self._push(record)  # restarted (or requeued) before its run had ended
             self._wake.set()
 
     async def _loop(self) -> None:

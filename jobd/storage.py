@@ -101,6 +101,9 @@ def _fsync_dir(path: str) -> None:
 # fsync waits for the disk (a cache flush per call on most filesystems), and concurrent calls
 # share the filesystem journal's commit: a round syncs its files side by side.
 _FSYNC_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
+# The rounds have threads of their own: in the event loop's default pool they would queue
+# behind long work (packing a large result), and every 201 with them.
+_ROUND_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="commit")
 
 
 def _fsync_path(path: str) -> OSError | None:
@@ -186,6 +189,7 @@ class JournalStorage(Storage):
         self._next_round: asyncio.Future[dict[str, OSError]] | None = None  # still gathering
         self._pending: list[str] = []  # files for the next round to fsync
         self._rounds = 0  # rounds in flight (their threads hold the journal's fd)
+        self._generation = 0  # snapshots so far: a round's fd is current while it is unchanged
         self._broken: str | None = None
         self._data: dict[str, dict[str, dict]] = {}
         self.lines = 0  # change lines after the snapshot
@@ -282,25 +286,31 @@ class JournalStorage(Storage):
         end, fd = self.size, self._fd
         journal = fd if fd is not None and end > self._synced else None
         self._rounds += 1
-        work = asyncio.ensure_future(asyncio.to_thread(_sync_all, files, journal))
+        generation = self._generation
+        work = asyncio.get_running_loop().run_in_executor(_ROUND_POOL, _sync_all, files, journal)
 
         def finished(work: asyncio.Future[dict[str, OSError]]) -> None:
             self._rounds -= 1
-            exc = work.exception()
-            if exc is not None:
-                if self._closed:  # close() synced and closed the fd under this fsync
-                    done.set_result({})
-                    return
-                self._broken = f"fsync failed: {exc}"
-                log.error("%s: %s", self.path, self._broken)
+            exc = None if work.cancelled() else work.exception()
+            if work.cancelled() or (exc is not None and self._closed):
+                failure = StoreError(f"{self.path} was closed during a commit")
+            elif exc is not None or self._broken is not None:
+                # Another round's failed fsync may have dropped this round's pages too: the
+                # kernel reports a writeback error to one fsync only.
+                if exc is not None and self._broken is None:
+                    self._broken = f"fsync failed: {exc}"
+                    log.error("%s: %s", self.path, self._broken)
                 failure = StoreError(f"{self.path}: {self._broken}")
-                failure.__cause__ = exc
-                done.set_exception(failure)
+            else:
+                if generation == self._generation:  # no snapshot since (it syncs it all)
+                    self._synced = max(self._synced, end)
+                    self._unsynced = self._synced < self.size
+                done.set_result(work.result())
+                if self._rounds == 0:
+                    self._maybe_compact()  # skipped while rounds were in flight
                 return
-            if fd is self._fd:  # not replaced by a snapshot meanwhile (which syncs it all)
-                self._synced = max(self._synced, end)
-                self._unsynced = self._synced < self.size
-            done.set_result(work.result())
+            failure.__cause__ = exc
+            done.set_exception(failure)
 
         work.add_done_callback(finished)
 
@@ -404,6 +414,7 @@ class JournalStorage(Storage):
         if old is not None:
             os.close(old)
         self._data = data
+        self._generation += 1
         self.lines = 0
         self.size = self._synced = len(payload)
         self._unsynced = False

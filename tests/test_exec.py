@@ -596,12 +596,16 @@ def test_a_job_stored_without_its_input_was_never_acknowledged(tmp_path: Path,
     works; a job whose input is there runs."""
     config = Config(datapath=tmp_path / "data", db_path=tmp_path / "db", fsync=False,
                     allow_root=True, cgroup="off", slots=1)
+    payload = make_zip({"run.sh": "true\n"})
     with JobStore(config.db_path, fsync=False) as store:
-        for job_id, status in (("lost", "QUEUED"), ("lost-running", "RUNNING"), ("kept", "QUEUED")):
-            store.add({**job.new_record(job_id, protocol="classic"), "status": status})
-    root = config.datapath / "kept"
-    root.mkdir(parents=True)
-    (root / "input.zip").write_bytes(make_zip({"run.sh": "true\n"}))
+        for job_id, status in (("lost", "QUEUED"), ("lost-running", "RUNNING"),
+                               ("torn", "QUEUED"), ("kept", "QUEUED")):
+            store.add({**job.new_record(job_id, protocol="classic", input_size=len(payload)),
+                       "status": status})
+    for job_id, data in (("kept", payload), ("torn", b"")):  # torn: its data never synced
+        root = config.datapath / job_id
+        root.mkdir(parents=True)
+        (root / "input.zip").write_bytes(data)
 
     async def scenario() -> tuple[set[str], str]:
         store = JobStore(config.db_path, fsync=False)
@@ -619,7 +623,35 @@ def test_a_job_stored_without_its_input_was_never_acknowledged(tmp_path: Path,
 
     with caplog.at_level(logging.WARNING, logger="jobd.jobs"):
         assert asyncio.run(scenario()) == ({"kept"}, "SUCCESS")
-    assert "its input never reached the disk" in caplog.text
+    assert "its input never fully reached the disk" in caplog.text
+
+
+def test_many_jobs_without_input_mean_a_wrong_datapath_not_a_crash(tmp_path: Path,
+                                                                     caplog: Any) -> None:
+    """DATAPATH not mounted: every job lacks its input. They are kept, with an error."""
+    config = Config(datapath=tmp_path / "data", db_path=tmp_path / "db", fsync=False,
+                    allow_root=True, cgroup="off", slots=1, poll_interval=3600)
+    with JobStore(config.db_path, fsync=False) as store:
+        for n in range(12):
+            store.add(job.new_record(f"j{n}", protocol="classic", input_size=100))
+
+    async def scenario() -> int:
+        store = JobStore(config.db_path, fsync=False)
+        reaper = Reaper(adopt_orphans=False)
+        reaper.start()
+        manager = JobManager(config, store, reaper)
+        manager.scheduler.slots = 0  # nothing runs: only what start-up did is looked at
+        await manager.start()
+        try:
+            return len(store)
+        finally:
+            await manager.stop()
+            await reaper.stop()
+            store.close()
+
+    with caplog.at_level(logging.WARNING, logger="jobd.jobs"):
+        assert asyncio.run(scenario()) == 12
+    assert "is DATAPATH the data of this database" in caplog.text
 
 
 @pytest.mark.parametrize("cgroup", ["auto", "off"])

@@ -622,3 +622,37 @@ def test_commit_syncs_files_in_the_same_round(tmp_path: Path,
     monkeypatch.undo()
     t.update({"n": 2}, doc_ids=["1"])  # the journal is fine
     db.close()
+
+
+def test_a_round_after_a_failed_fsync_fails_too(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel reports a writeback error to one fsync: a round that overlapped a failed one
+    must not report success for lines that may have been in the dropped pages."""
+    db = open_db(tmp_path / "jobs.json", fsync=True)
+    t = db.table("jobs")
+    calls = []
+
+    def sync_all(files: list[str], journal: int | None) -> dict[str, OSError]:
+        calls.append(journal)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "I/O error")
+        time.sleep(0.1)  # still running when the first round fails
+        return {}
+
+    monkeypatch.setattr(storage_mod, "_sync_all", sync_all)
+
+    async def main() -> list[BaseException | None]:
+        async def one(n: int) -> None:
+            with t.durability(False):
+                t.insert(Document({"n": n}, doc_id=str(n)))
+            await db.storage.commit()
+
+        first = asyncio.ensure_future(one(1))
+        await asyncio.sleep(0)  # the first round starts
+        await asyncio.sleep(0)
+        return await asyncio.gather(first, one(2), return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert len(calls) == 2
+    assert all(isinstance(r, StoreError) for r in results), results
+    db.close()

@@ -24,6 +24,7 @@ from jobd.config import Config
 from jobd.manager import JobManager, Rejected
 from jobd.reaper import Reaper
 from jobd.resources import LimitError, Limits
+from jobd.run import LocalExecutor
 from jobd.store import JobStore
 from tests.conftest import (
     Daemon,
@@ -555,6 +556,46 @@ def test_params_become_jobd_param_variables(tmp_path: Path) -> None:
 
 
 # -- crash leftovers, damaged database, attempts ------------------------------------------------
+
+def test_a_cancel_during_a_slow_start_ends_the_job(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A confined start awaits (a cgroup move); a cancel that comes meanwhile finds no
+    process yet, and must still end the job, not wait for it to finish by itself."""
+    config = Config(datapath=tmp_path / "data", db_path=tmp_path / "db", fsync=False,
+                    allow_root=True, cgroup="off", slots=1)
+    started = LocalExecutor.start
+
+    async def slow_start(self: LocalExecutor, *args: Any, **kwargs: Any) -> Any:
+        process = await started(self, *args, **kwargs)
+        await asyncio.sleep(0.5)  # the cancel arrives here
+        return process
+
+    monkeypatch.setattr(LocalExecutor, "start", slow_start)
+
+    async def scenario() -> tuple[str, float]:
+        store = JobStore(config.db_path, fsync=False)
+        reaper = Reaper(adopt_orphans=False)
+        reaper.start()
+        manager = JobManager(config, store, reaper)
+        await manager.start()
+        try:
+            upload = manager.data.new_incoming()
+            upload.write_bytes(make_zip({"run.sh": "sleep 30\n"}))
+            await manager.create("slow", upload, protocol="classic")
+            while manager.get("slow")["status"] != "RUNNING":
+                await asyncio.sleep(0.01)
+            begun = time.monotonic()
+            record, _ = await asyncio.wait_for(manager.cancel("slow"), 20)
+            return record["status"], time.monotonic() - begun
+        finally:
+            await manager.stop()
+            await reaper.stop()
+            store.close()
+
+    status, took = asyncio.run(scenario())
+    assert status == "CANCELLED"
+    assert took < 10
+
 
 def test_a_disk_error_while_storing_is_a_503_not_a_201(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:

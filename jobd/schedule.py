@@ -20,6 +20,10 @@ from jobd.store import JobStore
 
 log = logging.getLogger("jobd.schedule")
 
+# Jobs whose processes ended, still being packed and recorded, per slot: past this many, no
+# new job starts (a short job with a large result must not outrun its packing for ever).
+FINISHING_PER_SLOT = 4
+
 
 class Scheduler:
     """Starts QUEUED jobs, highest priority first then oldest, while slots are free."""
@@ -113,10 +117,10 @@ class Scheduler:
                     self._push(record)
 
     def _start_ready(self) -> None:
-        # Jobs being packed count too, up to as many again: packing may be slower than the
-        # jobs, and their working directories must not pile up without bound.
+        # Jobs being packed count too, beyond a margin: packing may be slower than the jobs,
+        # and their working directories must not pile up without bound.
         while self._accepting and self._heap and len(self._running) < self.slots and \
-                len(self._finishing) < self.slots:
+                len(self._finishing) < FINISHING_PER_SLOT * self.slots:
             _, _, job_id = heapq.heappop(self._heap)
             self._queued.discard(job_id)
             record = self._store.get(job_id)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import time
 import zipfile
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from starlette.routing import Route
 
 from jobd import archive, artifacts, auth, download, job, logs, multipart, pack
 from jobd.classic import BodyTooLarge, receive_upload
+from jobd.files import remove
 from jobd.manager import Conflict, JobManager, Locked, NotFound, parse_wait
 from jobd.options import (
     DEFAULT_ENTRY,
@@ -193,7 +193,7 @@ async def create_multipart(request: Request) -> Response:
             return problem(400, str(exc))
         return await _store_job(manager, asked, input_zip, auth.client_of(request))
     finally:
-        await asyncio.to_thread(_remove_paths, form_dir, input_zip)
+        await asyncio.to_thread(remove, form_dir, input_zip)
 
 
 async def _form(request: Request, form_dir: Path, max_body: int) -> multipart.Form:
@@ -204,14 +204,6 @@ async def _form(request: Request, form_dir: Path, max_body: int) -> multipart.Fo
         raise ApiError(413, str(exc)) from None
     except multipart.MultipartError as exc:
         raise ApiError(400, f"malformed multipart body: {exc}") from None
-
-
-def _remove_paths(*paths: Path) -> None:
-    for path in paths:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
 
 
 async def create_json(request: Request) -> Response:
@@ -621,7 +613,7 @@ async def create_from_spec(request: Request) -> Response:
             return problem(409, f"job {job_id} already exists")
         return JSONResponse(job_view(record), 201, headers={"Location": f"{PREFIX}/jobs/{job_id}"})
     finally:
-        await asyncio.to_thread(_remove_paths, form_dir, incoming)
+        await asyncio.to_thread(remove, form_dir, incoming)
 
 
 async def _build_zip(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

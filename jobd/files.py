@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import stat
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,3 +83,16 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def remove(*paths: Path) -> None:
+    """Remove files, links or directory trees; nothing where there is none (one lstat each)."""
+    for path in paths:
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(mode):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)

@@ -10,9 +10,7 @@ import asyncio
 import logging
 import math
 import os
-import shutil
 import signal
-import stat
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +21,7 @@ from jobd.cgroup import CgroupError, CgroupTree, JobCgroup
 from jobd.config import Config, parse_duration
 from jobd.counter import NumericIds
 from jobd.disk import DiskGuard
-from jobd.files import DataDir, JobFiles
+from jobd.files import DataDir, JobFiles, remove
 from jobd.options import param_environment
 from jobd.reaper import Reaper
 from jobd.resources import LimitError, Limits
@@ -304,11 +302,11 @@ class JobManager:
         """Remove what a crash can leave behind: half uploads, trash, directories of no job."""
         for leftover in (self.data.incoming, self.data.trash):
             for path in leftover.iterdir():
-                _remove(path)
+                remove(path)
         for name in self.data.job_dirs():
             if self.store.get(name) is None:
                 log.warning("removing %s: no job record (left by an interrupted upload)", name)
-                _remove(self.data.root / name)
+                remove(self.data.root / name)
 
     # -- operations ---------------------------------------------------------------------------
 
@@ -386,7 +384,7 @@ class JobManager:
             files = self.files(job_id)
             size = upload.stat().st_size
             if files.root.exists():  # a directory without a record, left by a crash
-                await asyncio.to_thread(_remove, files.root)
+                await asyncio.to_thread(remove, files.root)
             files.root.mkdir(mode=0o700, parents=True)
             os.replace(upload, files.input)
             record = job.new_record(job_id, protocol=protocol, executor=executor,
@@ -525,7 +523,7 @@ class JobManager:
         if job.is_invalid(record):
             raise Conflict("job was refused at submission: it has no input to restart from")
         files = self.files(job_id)
-        await asyncio.to_thread(_remove_all, files.work, files.result, files.log)
+        await asyncio.to_thread(remove, files.work, files.result, files.log)
         record = self._move(record, job.restart_fields(), durable=True)
         self.scheduler.submit(record)
         return record
@@ -545,7 +543,7 @@ class JobManager:
             trash = self.data.new_trash(job_id)
             os.replace(root, trash)
             self.store.delete(job_id)
-            await asyncio.to_thread(_remove, trash)
+            await asyncio.to_thread(remove, trash)
         else:
             self.store.delete(job_id)
         self._notify_finished(job_id)
@@ -773,7 +771,7 @@ class JobManager:
                                            "(JOBD_SLURM)"}, durable=True)
             return
         # A restarted job's old token must not lead recovery back to its previous Slurm job.
-        _remove(self.files(record["id"]).root / TOKEN)
+        remove(self.files(record["id"]).root / TOKEN)
         self._move(record, {"status": job.PREPARED, "started": None, "slurm_id": None,
                             "attempt": int(record.get("attempt") or 0) + 1,
                             "message": "preparing the job for Slurm"}, durable=True)
@@ -890,7 +888,7 @@ class JobManager:
                        durable=True)
             return slurm.attach(job_id, slurm_id, timeout=timeout, started=None)
         if token is not None:  # a submission that got through unseen must not run the job
-            await asyncio.to_thread(_remove, files.root / TOKEN)
+            await asyncio.to_thread(remove, files.root / TOKEN)
         return outcome
 
     def _remote_update(self, job_id: str, changes: dict[str, Any]) -> None:
@@ -911,7 +909,7 @@ class JobManager:
                  identity: Identity | None) -> None:
         """A fresh working directory with the input unpacked, an empty log, home and tmp,
         owned by the user the job runs as."""
-        _remove_all(files.work, files.result, files.home, files.tmp)
+        remove(files.work, files.result, files.home, files.tmp)
         archive.extract(files.input, files.work, self.limits)
         if (record.get("options") or {}).get("spec"):  # others see just their upload
             (files.work / artifacts.DIRECTORY).mkdir(exist_ok=True)
@@ -929,8 +927,8 @@ class JobManager:
         size = pack.pack_zip(files.work, files.result, level=self.config.zip_level,
                              sync=False)  # the caller's group commit syncs it
         if not self.config.keeps_workdir:
-            _remove(files.work)
-        _remove_all(files.home, files.tmp)
+            remove(files.work)
+        remove(files.home, files.tmp)
         return size, found
 
     def _move(self, record: dict[str, Any], changes: dict[str, Any], *,
@@ -1036,20 +1034,3 @@ async def _cleanup(cgroup: JobCgroup | None, reason: str) -> Outcome:
     if cgroup is not None:
         await cgroup.remove()
     return Outcome(None, None, reason)
-
-
-def _remove(path: Path) -> None:
-    """Remove a file, link or directory tree; nothing if there is none (one lstat)."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(mode):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
-
-
-def _remove_all(*paths: Path) -> None:
-    for path in paths:
-        _remove(path)

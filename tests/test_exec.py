@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import errno
 import json
 import logging
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import time
 import zipfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,6 +40,25 @@ from tests.conftest import (
 )
 
 IS_ROOT = os.geteuid() == 0
+
+
+@contextlib.asynccontextmanager
+async def running_manager(config: Config, *, slots: int | None = None
+                          ) -> AsyncIterator[JobManager]:
+    """A started JobManager on `config` (no HTTP), stopped and closed afterwards."""
+    store = JobStore(config.db_path, fsync=config.fsync)
+    reaper = Reaper(adopt_orphans=False)
+    reaper.start()
+    manager = JobManager(config, store, reaper)
+    if slots is not None:
+        manager.scheduler.slots = slots
+    await manager.start()
+    try:
+        yield manager
+    finally:
+        await manager.stop()
+        await reaper.stop()
+        store.close()
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (user switching, cgroups)")
 
 
@@ -530,12 +551,7 @@ def test_params_become_jobd_param_variables(tmp_path: Path) -> None:
                     allow_root=True, cgroup="off", slots=1)
 
     async def scenario() -> dict[str, Any]:
-        store = JobStore(config.db_path, fsync=False)
-        reaper = Reaper(adopt_orphans=False)
-        reaper.start()
-        manager = JobManager(config, store, reaper)
-        await manager.start()
-        try:
+        async with running_manager(config) as manager:
             upload = manager.data.new_incoming()
             script = "#!/usr/bin/env python3\nimport json, os\njson.dump({k: v for k, v in " \
                      "os.environ.items() if k.startswith('JOBD_PARAM_')}, open('p.json', 'w'))\n"
@@ -546,10 +562,6 @@ def test_params_become_jobd_param_variables(tmp_path: Path) -> None:
             assert manager.get("params")["status"] == "SUCCESS"
             with zipfile.ZipFile(manager.files("params").result) as archive:
                 return json.loads(archive.read("p.json"))
-        finally:
-            await manager.stop()
-            await reaper.stop()
-            store.close()
 
     assert asyncio.run(scenario()) == {"JOBD_PARAM_N": "3", "JOBD_PARAM_name": "x y",
                                        "JOBD_PARAM_flags": "[1, 2]"}
@@ -573,12 +585,7 @@ def test_a_cancel_during_a_slow_start_ends_the_job(tmp_path: Path,
     monkeypatch.setattr(LocalExecutor, "start", slow_start)
 
     async def scenario() -> tuple[str, float]:
-        store = JobStore(config.db_path, fsync=False)
-        reaper = Reaper(adopt_orphans=False)
-        reaper.start()
-        manager = JobManager(config, store, reaper)
-        await manager.start()
-        try:
+        async with running_manager(config) as manager:
             upload = manager.data.new_incoming()
             upload.write_bytes(make_zip({"run.sh": "sleep 30\n"}))
             await manager.create("slow", upload, protocol="classic")
@@ -587,10 +594,6 @@ def test_a_cancel_during_a_slow_start_ends_the_job(tmp_path: Path,
             begun = time.monotonic()
             record, _ = await asyncio.wait_for(manager.cancel("slow"), 20)
             return record["status"], time.monotonic() - begun
-        finally:
-            await manager.stop()
-            await reaper.stop()
-            store.close()
 
     status, took = asyncio.run(scenario())
     assert status == "CANCELLED"
@@ -608,21 +611,12 @@ def test_a_disk_error_while_storing_is_a_503_not_a_201(tmp_path: Path,
     monkeypatch.setattr(storage, "_fsync_path", failing)
 
     async def scenario() -> Rejected:
-        store = JobStore(config.db_path, fsync=True)
-        reaper = Reaper(adopt_orphans=False)
-        reaper.start()
-        manager = JobManager(config, store, reaper)
-        await manager.start()
-        try:
+        async with running_manager(config) as manager:
             upload = manager.data.new_incoming()
             upload.write_bytes(make_zip({"run.sh": "true\n"}))
             with pytest.raises(Rejected) as caught:
                 await manager.create("eio", upload, protocol="classic")
             return caught.value
-        finally:
-            await manager.stop()
-            await reaper.stop()
-            store.close()
 
     refused = asyncio.run(scenario())
     assert (refused.status, refused.code) == (503, "service_unavailable")
@@ -649,18 +643,9 @@ def test_a_job_stored_without_its_input_was_never_acknowledged(tmp_path: Path,
         (root / "input.zip").write_bytes(data)
 
     async def scenario() -> tuple[set[str], str]:
-        store = JobStore(config.db_path, fsync=False)
-        reaper = Reaper(adopt_orphans=False)
-        reaper.start()
-        manager = JobManager(config, store, reaper)
-        await manager.start()
-        try:
+        async with running_manager(config) as manager:
             await manager.wait_finished("kept", 30)
-            return {r["id"] for r in store}, manager.get("kept")["status"]
-        finally:
-            await manager.stop()
-            await reaper.stop()
-            store.close()
+            return {r["id"] for r in manager.store}, manager.get("kept")["status"]
 
     with caplog.at_level(logging.WARNING, logger="jobd.jobs"):
         assert asyncio.run(scenario()) == ({"kept"}, "SUCCESS")
@@ -677,18 +662,9 @@ def test_many_jobs_without_input_mean_a_wrong_datapath_not_a_crash(tmp_path: Pat
             store.add(job.new_record(f"j{n}", protocol="classic", input_size=100))
 
     async def scenario() -> int:
-        store = JobStore(config.db_path, fsync=False)
-        reaper = Reaper(adopt_orphans=False)
-        reaper.start()
-        manager = JobManager(config, store, reaper)
-        manager.scheduler.slots = 0  # nothing runs: only what start-up did is looked at
-        await manager.start()
-        try:
-            return len(store)
-        finally:
-            await manager.stop()
-            await reaper.stop()
-            store.close()
+        # nothing runs: only what start-up did is looked at
+        async with running_manager(config, slots=0) as manager:
+            return len(manager.store)
 
     with caplog.at_level(logging.WARNING, logger="jobd.jobs"):
         assert asyncio.run(scenario()) == 12

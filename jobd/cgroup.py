@@ -14,8 +14,11 @@ processes it has, into a leaf `<own cgroup>/jobd-daemon`. Controllers not availa
 hybrid v1/v2 host where memory still belongs to v1) are simply not used: the cgroup then still
 tracks and kills the job.
 
-A job's first process joins its cgroup while it waits at the start gate (`run.py`), before
-any of its own code runs, so no descendant can start outside it.
+A job with limits, or of another user, joins its cgroup while it waits at the start gate
+(`run.py`), before any of its own code runs, so no descendant can start outside it. Other jobs
+are moved in just after they start, and a job that ended by then never gets a cgroup (the
+process group and the environment marker find what it left). The cgroup is made and removed
+in worker threads: see `CgroupTree.plan`.
 """
 
 from __future__ import annotations
@@ -105,12 +108,35 @@ def block_device(path: Path) -> str | None:
 class JobCgroup:
     """The cgroup of one running job."""
 
-    def __init__(self, path: Path, has_kill: bool) -> None:
+    def __init__(self, path: Path, has_kill: bool,
+                 settings: list[tuple[str, str]] | None = None) -> None:
         self.path = path
         self._has_kill = has_kill
-        # Limits written (memory.max, cpu.max, pids.max, io.max): the job must be inside
+        self.settings = settings or []  # (file, value) pairs `make` writes
+        # Limits to write (memory.max, cpu.max, pids.max, io.max): the job must be inside
         # before it runs. Without, the cgroup serves containment only (see run.py's gate).
-        self.limited = False
+        self.limited = any(name in _LIMITS for name, _ in self.settings)
+
+    def make(self) -> None:
+        """Create the cgroup, empty, with its settings written (blocking: in a worker thread,
+        since every cgroup operation may wait for another's move, see `CgroupTree.plan`)."""
+        if self.path.exists():
+            self.kill()
+            try:
+                os.rmdir(self.path)
+            except OSError as exc:
+                raise CgroupError(f"stale cgroup {self.path} cannot be removed: {exc}") from exc
+        try:
+            self.path.mkdir()
+        except OSError as exc:
+            raise CgroupError(f"cannot create cgroup {self.path}: {exc}") from exc
+        for name, value in self.settings:
+            if name in _OPTIONAL and not (self.path / name).exists():
+                continue  # no swap accounting, or an older kernel
+            try:
+                _write(self.path / name, value)
+            except OSError as exc:
+                log.warning("%s: cannot set %s to %r: %s", self.path.name, name, value, exc)
 
     def add(self, pid: int) -> None:
         _write(self.path / "cgroup.procs", str(pid))
@@ -195,6 +221,22 @@ class JobCgroup:
                 return int(value)
         return 0
 
+    def end(self) -> tuple[int, int, bool]:
+        """After the job's first process exited (blocking, in a worker thread): kill what is
+        left, read the OOM kills and refused forks, try to remove the cgroup. Whether it is
+        gone; if not (its last processes are still exiting), `remove` waits for it."""
+        self.kill()
+        oom_kills, refused = self.oom_kills(), self.refused_forks()
+        try:
+            os.rmdir(self.path)
+        except FileNotFoundError:  # never made: the job ended before its move (run.py `_join`)
+            return oom_kills, refused, True
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                log.error("could not remove cgroup %s: %s", self.path, exc)
+            return oom_kills, refused, exc.errno != errno.EBUSY
+        return oom_kills, refused, True
+
     async def remove(self, timeout: float = 10.0) -> None:
         """Kill what is left, wait until the cgroup is empty, remove it."""
         deadline = time.monotonic() + timeout
@@ -273,29 +315,15 @@ class CgroupTree:
         """Job cgroups left by a daemon that died without cleaning up."""
         return [JobCgroup(p, self.has_kill) for p in self.path.glob("job-*") if p.is_dir()]
 
-    def create(self, job_id: str, limits: Limits) -> JobCgroup:
-        """A fresh, empty cgroup for a job, with its limits written."""
-        group = self.job(job_id)
-        if group.path.exists():
-            group.kill()
-            try:
-                os.rmdir(group.path)
-            except OSError as exc:
-                raise CgroupError(f"stale cgroup {group.path} cannot be removed: {exc}") from exc
-        try:
-            group.path.mkdir()
-        except OSError as exc:
-            raise CgroupError(f"cannot create cgroup {group.path}: {exc}") from exc
-        for name, value in self._settings(limits):
-            if name in _OPTIONAL and not (group.path / name).exists():
-                continue  # no swap accounting, or an older kernel
-            try:
-                _write(group.path / name, value)
-            except OSError as exc:
-                log.warning("job %s: cannot set %s to %r: %s", job_id, name, value, exc)
-            else:
-                group.limited = group.limited or name in _LIMITS
-        return group
+    def plan(self, job_id: str, limits: Limits) -> JobCgroup:
+        """A job's cgroup, not created yet: the executor makes it in a worker thread.
+
+        Every cgroup operation (mkdir, rmdir, cgroup.kill) takes the kernel's cgroup mutex,
+        which a move into a cgroup holds through an RCU grace period (7 to 15 ms here when the
+        previous move was long ago). On the event loop, one job's move would stall every
+        request and job meanwhile.
+        """
+        return JobCgroup(self.path / f"job-{job_id}", self.has_kill, self._settings(limits))
 
     def _settings(self, limits: Limits) -> list[tuple[str, str]]:
         """(file, value) pairs for a job's cgroup."""

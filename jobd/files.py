@@ -12,9 +12,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
-import stat
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,13 +86,27 @@ def fsync_dir(path: Path) -> None:
 
 
 def remove(*paths: Path) -> None:
-    """Remove files, links or directory trees; nothing where there is none (one lstat each)."""
+    """Remove files, links or directory trees; nothing where there is none.
+
+    An empty directory, what a job's home and tmp usually are when it ends, costs one rmdir.
+    """
     for path in paths:
         try:
-            mode = os.lstat(path).st_mode
+            os.rmdir(path)
+            continue
         except FileNotFoundError:
             continue
-        if stat.S_ISDIR(mode):
-            shutil.rmtree(path)
-        else:
-            os.unlink(path)
+        except NotADirectoryError:  # a file, or a link (rmdir does not follow it)
+            _unlink(path)
+            continue
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        shutil.rmtree(path)  # never follows links out of the tree
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return  # removed meanwhile: what was asked

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from jobd import archive, artifacts, auth, job, pack
 from jobd.auth import Client
-from jobd.cgroup import CgroupError, CgroupTree, JobCgroup
+from jobd.cgroup import CgroupTree, JobCgroup
 from jobd.config import Config, parse_duration
 from jobd.counter import NumericIds
 from jobd.disk import DiskGuard
@@ -723,11 +723,8 @@ class JobManager:
                 return Outcome(None, None, SHUTDOWN)
             env = self._environment(record, files)
             argv = self._command(record, files, env)
-            if self.cgroups is not None:
-                try:
-                    cgroup = self.cgroups.create(job_id, limits)
-                except CgroupError as exc:
-                    log.error("job %s: runs without a cgroup: %s", job_id, exc)
+            if self.cgroups is not None:  # made by the executor, off the event loop
+                cgroup = self.cgroups.plan(job_id, limits)
             process = await self.executor.start(argv, cwd=files.work, log_path=files.log, env=env,
                                           identity=identity, limits=limits, cgroup=cgroup)
         except archive.ArchiveError as exc:

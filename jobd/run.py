@@ -203,14 +203,15 @@ class LocalProcess:
         code, signum = exit_status(status)
         # Tell Popen the child is gone, so it never waitpid()s a recycled pid later.
         self._popen.returncode = code if code is not None else -(signum or 0)
-        if self._joining is not None:
-            await self._joining
+        if self._joining is not None and not await self._joining:
+            self.cgroup = None  # never made: the job ended first, or mkdir failed
+        cgroup, self.cgroup = self.cgroup, None  # the group and the marker first, then it
         await self._kill_all(signal.SIGKILL)  # leftovers of the job die with it
         oom_kills = refused = 0
-        if self.cgroup is not None:
-            oom_kills = self.cgroup.oom_kills()
-            refused = self.cgroup.refused_forks()
-            await self.cgroup.remove()
+        if cgroup is not None:  # one hop for all of it, off the loop (see CgroupTree.plan)
+            oom_kills, refused, removed = await asyncio.to_thread(cgroup.end)
+            if not removed:
+                await cgroup.remove()
         return Outcome(code, signum, self._reason, oom_kills, refused)
 
     @property
@@ -276,6 +277,8 @@ _PID_MAX = _pid_max()
 # started (`created_since`), not in all of /proc: the time in which the pid counter cannot go
 # round, even at 100,000 forks a second (0.33 s where pid_max is 32768).
 _SHORT_JOB = min(1.0, _PID_MAX / 100_000)
+# Up to this many pids allocated since a job started are looked up one by one.
+_PROBE_SPAN = 64
 
 
 def _last_pid() -> int | None:
@@ -288,7 +291,7 @@ def _last_pid() -> int | None:
 
 
 def created_since(first: int, proc: str = "/proc") -> list[int] | None:
-    """Pids allocated from `first` on, among live processes; None when unknown.
+    """Pids allocated from `first` on (a few may have ended since); None when unknown.
 
     The kernel hands out pids cyclically up to pid_max, so the processes a job started
     since its first process `first` are those in the cyclic range from `first` to the pid
@@ -299,6 +302,8 @@ def created_since(first: int, proc: str = "/proc") -> list[int] | None:
     if last is None:
         return None
     span = (last - first) % _PID_MAX
+    if span < _PROBE_SPAN:  # the usual short job: those few pids, not a listing of /proc
+        return [(first + k) % _PID_MAX for k in range(span + 1)]
     return [pid for pid in map(int, filter(str.isdigit, os.listdir(proc)))
             if (pid - first) % _PID_MAX <= span]
 
@@ -399,7 +404,8 @@ class LocalExecutor:
         exited = self._reaper.watch(popen.pid)
         joining = None
         if gated:
-            await _open_gate(popen, argv[0], limits, cgroup)
+            if not await _open_gate(popen, argv[0], limits, cgroup):
+                cgroup = None
         elif cgroup is not None:
             joining = asyncio.ensure_future(asyncio.to_thread(_join, cgroup, popen.pid, exited))
         marker = None
@@ -409,12 +415,15 @@ class LocalExecutor:
 
 
 async def _open_gate(popen: subprocess.Popen, program: str, limits: Limits | None,
-                     cgroup: JobCgroup | None) -> None:
-    """Confine the gated child, then let it exec the job; on any failure it never runs."""
+                     cgroup: JobCgroup | None) -> bool:
+    """Confine the gated child, then let it exec the job; on any failure it never runs.
+    Whether it is in `cgroup` (False: none, or it could not be made and the job runs
+    without, as the log says)."""
     assert popen.stdin is not None
+    joined = False
     try:
         if cgroup is not None:
-            await asyncio.to_thread(cgroup.add, popen.pid)
+            joined = await asyncio.to_thread(_make_and_add, cgroup, popen.pid)
         if limits is not None:
             limits.apply(popen.pid)
         popen.stdin.write(b"go\n")
@@ -425,22 +434,43 @@ async def _open_gate(popen: subprocess.Popen, program: str, limits: Limits | Non
     except BaseException:  # cancelled meanwhile: the job must not run unconfined either
         _abort(popen)
         raise
+    return joined
 
 
-def _join(cgroup: JobCgroup, pid: int, exited: asyncio.Future[int]) -> None:
-    """Move a job started without the gate into its cgroup (in a worker thread).
+def _make_and_add(cgroup: JobCgroup, pid: int) -> bool:
+    """Make the cgroup and move the gated `pid` in (worker thread); False when the cgroup
+    cannot be made (the job then runs without it, as before cgroups). A failed move raises:
+    the job must not run outside the cgroup it was promised."""
+    try:
+        cgroup.make()
+    except CgroupError as exc:
+        log.error("%s runs without a cgroup: %s", cgroup.path.name, exc)
+        return False
+    cgroup.add(pid)
+    return True
+
+
+def _join(cgroup: JobCgroup, pid: int, exited: asyncio.Future[int]) -> bool:
+    """Make the cgroup of a job started without the gate and move it in (in a worker
+    thread). Whether the cgroup exists: a job that ended first gets none (its process group
+    and marker find what it left), which spares short jobs the cgroup's cost.
 
     The pid cannot belong to another process yet: pids are allocated cyclically up to
     pid_max, and the job's exit is checked first.
     """
     if exited.done():
-        return
+        return False
+    try:
+        cgroup.make()
+    except CgroupError as exc:
+        log.error("%s runs without a cgroup: %s", cgroup.path.name, exc)
+        return False
     try:
         cgroup.add(pid)
     except (OSError, CgroupError) as exc:
-        if isinstance(exc, ProcessLookupError) or exited.done():
-            return  # it ended meanwhile
-        log.warning("job process %d runs outside its cgroup %s: %s", pid, cgroup.path, exc)
+        if not (isinstance(exc, ProcessLookupError) or exited.done()):  # not: it ended
+            log.warning("job process %d runs outside its cgroup %s: %s", pid, cgroup.path, exc)
+    return True
 
 
 def _abort(popen: subprocess.Popen) -> None:

@@ -129,7 +129,7 @@ def _sync_all(files: list[str], journal: int | None) -> dict[str, OSError]:
     A file's failure belongs to its committer (returned); the journal's is the whole
     store's (raised)."""
     unique = list(dict.fromkeys(files))
-    synced = _FSYNC_POOL.map(_fsync_path, unique) if len(unique) > 1 else map(_fsync_path, unique)
+    synced = [_fsync_path(f) for f in unique]
     if journal is not None:
         os.fsync(journal)
     return {path: exc for path, exc in zip(unique, synced) if exc is not None}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from jobd import run
 from jobd.run import (
     FUNCTION_RUNNER,
     INTERPRETERS,
@@ -123,8 +124,12 @@ def test_kill_marked_finds_processes_that_left_the_group(tmp_path: Path) -> None
             proc.wait(10)
 
 
-def test_created_since_finds_new_processes_only() -> None:
-    """The pid window of a young job: its own processes, not those started before it."""
+@pytest.mark.parametrize("probe_span", [64, 0], ids=["probed", "listed"])
+def test_created_since_finds_new_processes_only(probe_span: int,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pid window of a young job: its own processes, not those started before it,
+    whether the few pids are looked up one by one or found in a listing of /proc."""
+    monkeypatch.setattr(run, "_PROBE_SPAN", probe_span)
     older = os.getpid()
     first = subprocess.Popen(["sleep", "30"])
     second = subprocess.Popen(["sleep", "30"])

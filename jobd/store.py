@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import fcntl
 import heapq
+import json
 import logging
 import os
 import time
@@ -127,15 +128,23 @@ class JobStore:
 
     # -- indexes ---------------------------------------------------------------------------
 
-    def _docs(self) -> dict[str, dict]:
-        """The live documents (never handed out uncopied)."""
+    def _docs(self) -> dict[str, str]:
+        """The live documents as JSON text (see storage.py): decoding one gives a copy."""
         return self._table.documents()
+
+    def _doc(self, job_id: str) -> dict | None:
+        """A fresh copy of the record, or None."""
+        text = self._docs().get(job_id)
+        return None if text is None else json.loads(text)
 
     def _build_indexes(self) -> None:
         """Index every record; refuse inconsistent ones, give missing or duplicate seqs new ones."""
         ordered: list[tuple[int, str]] = []
         renumber: list[str] = []
-        for job_id, doc in self._docs().items():
+        facts: dict[str, tuple[str, int]] = {}  # id -> status, stored bytes
+        for job_id, text in self._docs().items():
+            doc = json.loads(text)
+            facts[job_id] = (doc.get("status"), _stored_size(doc))
             if doc.get("id") != job_id or not isinstance(doc.get("status"), str):
                 raise StoreError(
                     f"refusing to start: database file {self.path / DB_FILE} holds a record"
@@ -162,12 +171,12 @@ class JobStore:
                 self._table.update({"seq": self._next_seq}, doc_ids=[job_id])
                 self._id_of[self._next_seq] = job_id
                 self._next_seq += 1
-        docs = self._docs()
         self._by_status: dict[str, list[int]] = {}
         self._bytes = 0
         for seq, job_id in self._id_of.items():
-            self._by_status.setdefault(docs[job_id]["status"], []).append(seq)
-            self._bytes += _stored_size(docs[job_id])
+            status, size = facts[job_id]
+            self._by_status.setdefault(status, []).append(seq)
+            self._bytes += size
 
     def _index(self, status: str, seq: int) -> None:
         bisect.insort(self._by_status.setdefault(status, []), seq)
@@ -196,12 +205,11 @@ class JobStore:
         self._id_of[seq] = job_id
         self._index(status, seq)
         self._bytes += _stored_size(doc)
-        return _clone(doc)
+        return doc  # the table keeps only its text: this dict is the caller's
 
     def get(self, job_id: str) -> dict | None:
         """A copy of the record, or None."""
-        doc = self._docs().get(job_id)
-        return None if doc is None else _clone(doc)
+        return self._doc(job_id)
 
     def update(self, job_id: str, changes: dict, *, durable: bool = True) -> dict:
         """Shallow-merge ``changes``, stamping ``updated``; ``durable=False`` skips the fsync.
@@ -209,7 +217,7 @@ class JobStore:
         Raises KeyError for an unknown id, ValueError for a change of id or seq or a non-str
         status (the indexes depend on them).
         """
-        doc = self._docs().get(job_id)
+        doc = self._doc(job_id)
         if doc is None:
             raise KeyError(job_id)
         old_status, seq = doc["status"], doc["seq"]
@@ -223,11 +231,12 @@ class JobStore:
         size_before = _stored_size(doc)
         with self._table.durability(durable):
             self._table.update(fields, doc_ids=[job_id])
-        self._bytes += _stored_size(self._docs()[job_id]) - size_before
+        doc.update(fields)  # what the table now holds (TinyDB's update is this merge)
+        self._bytes += _stored_size(doc) - size_before
         if new_status != old_status:
             self._unindex(old_status, seq)
             self._index(new_status, seq)
-        return _clone(self._docs()[job_id])
+        return doc
 
     async def commit(self, files: Iterable[Path] = ()) -> None:
         """Until every write so far, and `files`, are on disk; concurrent callers share one
@@ -237,7 +246,7 @@ class JobStore:
 
     def delete(self, job_id: str) -> None:
         """Remove the record (durably); KeyError if there is none."""
-        doc = self._docs().get(job_id)
+        doc = self._doc(job_id)
         if doc is None:
             raise KeyError(job_id)
         status, seq = doc["status"], doc["seq"]
@@ -260,12 +269,12 @@ class JobStore:
     def oldest_queued(self, status: str = "QUEUED") -> float | None:
         """The earliest ``queued`` time (else ``created``) among records with ``status``.
 
-        O(records with that status), without copying them.
+        O(records with that status), each decoded from its text.
         """
         docs = self._docs()
         oldest = None
         for seq in self._by_status.get(status, ()):
-            doc = docs[self._id_of[seq]]
+            doc = json.loads(docs[self._id_of[seq]])
             when = doc.get("queued") or doc.get("created")
             if isinstance(when, (int, float)) and (oldest is None or when < oldest):
                 oldest = float(when)
@@ -311,14 +320,14 @@ class JobStore:
         docs = self._docs()
         found: list[dict] = []
         for seq in heapq.merge(*newest_first, reverse=True):
-            doc = docs[self._id_of[seq]]
+            doc = json.loads(docs[self._id_of[seq]])
             if labels and not _has_labels(doc, labels):
                 continue
             if where is not None and not where(doc):
                 continue
             if len(found) == limit:  # one more match exists: there is a next page
                 return found, str(found[-1]["seq"])
-            found.append(_clone(doc))
+            found.append(doc)
         return found, None
 
     def __len__(self) -> int:
@@ -327,6 +336,6 @@ class JobStore:
     def __iter__(self) -> Iterator[dict]:
         """Copies of every record in creation order (a snapshot of the ids taken first)."""
         for job_id in list(self._id_of.values()):
-            doc = self._docs().get(job_id)
+            doc = self._doc(job_id)
             if doc is not None:
-                yield _clone(doc)
+                yield doc

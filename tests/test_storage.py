@@ -175,6 +175,30 @@ def test_public_api(tmp_path: Path) -> None:
     assert open_db(tmp_path / "jobs.json").table("jobs").all() == []
 
 
+def test_documents_are_kept_as_their_journal_text(tmp_path: Path) -> None:
+    """In memory a document is the text its journal line holds (a third of the memory of
+    dicts); every read decodes a fresh copy, so changing one changes nothing stored."""
+    path = tmp_path / "jobs.json"
+    db = open_db(path)
+    t = db.table("jobs")
+    t.insert(Document({"id": "a", "n": [1, 2], "o": {"k": "é"}}, doc_id="a"))
+    t.update({"s": "R"}, doc_ids=["a"])
+    storage = db.storage
+    assert isinstance(storage, JournalStorage)
+    text = storage.documents("jobs")["a"]
+    assert text == json.dumps(file_lines(path)[-1]["doc"], separators=(",", ":"))
+    read = storage.read()["jobs"]["a"]
+    read["n"].append(3)
+    got = t.get(doc_id="a")
+    assert got is not None
+    got["o"]["k"] = "changed"
+    assert t.get(doc_id="a") == {"id": "a", "n": [1, 2], "o": {"k": "é"}, "s": "R"}
+    storage.compact()
+    assert storage.documents("jobs")["a"] == text
+    db.close()
+    assert JournalStorage(path).documents("jobs") == {"a": text}
+
+
 def test_one_write_appends_constant_bytes(tmp_path: Path) -> None:
     """The cost of a write does not depend on how many documents there are."""
     appended = []

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from bench.daemon import Jobd, free_port
+from bench.daemon import Jobd, children_cpu_seconds, cpu_seconds, free_port, machine_busy_seconds
 from bench.figures import median, ms, ratio
 from bench.report import Section
 from bench.wire import Conn
@@ -40,6 +40,9 @@ class Rate:
     seconds: float
     client_cpu: float  # seconds of this process's CPU during the run
     requests: int
+    machine_cpu: float = 0.0  # seconds of CPU all cores were busy during the run
+    server_cpu: float = 0.0  # the server process's own CPU (`server` of _drive)
+    jobs_cpu: float = 0.0  # its children's, once waited for (the jobs' processes)
 
     @property
     def per_second(self) -> float:
@@ -52,8 +55,9 @@ class Job(Protocol):
     def __call__(self, conn: Conn, thread: int, k: int) -> int: ...
 
 
-def _drive(clients: int, seconds: float, one_job: Job) -> Rate:
-    """Run `one_job(conn, thread, k)` in `clients` threads until `seconds` pass."""
+def _drive(clients: int, seconds: float, one_job: Job, server: int | None = None) -> Rate:
+    """Run `one_job(conn, thread, k)` in `clients` threads until `seconds` pass; with
+    `server` (a pid), its CPU and its children's are measured too."""
     counts = [0] * clients
     requests = [0] * clients
     errors: list[BaseException] = []
@@ -76,17 +80,22 @@ def _drive(clients: int, seconds: float, one_job: Job) -> Rate:
     threads = [threading.Thread(target=worker, args=(t,), daemon=True) for t in range(clients)]
     for thread in threads:
         thread.start()
-    begin.wait()
     cpu0 = time.process_time()
+    machine0 = machine_busy_seconds()
+    server0 = (cpu_seconds(server), children_cpu_seconds(server)) if server else (0.0, 0.0)
     start = time.perf_counter()
-    deadline[0] = start + seconds
+    deadline[0] = start + seconds  # before the clients are let go: they read it at once
+    begin.wait()
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - start
     cpu = time.process_time() - cpu0
+    machine = machine_busy_seconds() - machine0
+    server1 = (cpu_seconds(server), children_cpu_seconds(server)) if server else (0.0, 0.0)
     if errors:
         raise RuntimeError(f"a client failed: {errors[0]!r}") from errors[0]
-    return Rate(sum(counts), elapsed, cpu, sum(requests))
+    return Rate(sum(counts), elapsed, cpu, sum(requests), machine,
+                server1[0] - server0[0], server1[1] - server0[1])
 
 
 class JobdJob:
@@ -206,11 +215,14 @@ def run(workdir: Path, *, clients: int = 8, seconds: float = 10.0, repeats: int 
     with Jobd(workdir / "jobd", stored=stored, **(env or {})) as daemon:
         _drive(clients, min(1.0, seconds), JobdJob(daemon, None, "warm"))
         for r in range(repeats):
-            jobd_rates.append(_drive(clients, seconds, JobdJob(daemon, None, str(r))))
+            jobd_rates.append(_drive(clients, seconds, JobdJob(daemon, None, str(r)),
+                                     daemon.pid))
             polling_rates.append(_drive(clients, seconds, JobdJob(daemon, poll, f"p{r}")))
             if has_webhook:
                 with Webhook(workdir) as hook:
-                    hook_rates.append(_drive(clients, seconds, WebhookJob(hook.port)))
+                    assert hook.proc is not None
+                    hook_rates.append(_drive(clients, seconds, WebhookJob(hook.port),
+                                             hook.proc.pid))
                     rate = wrk_rate(f"http://127.0.0.1:{hook.port}/hooks/run", clients,
                                     seconds, workdir)
                     if rate is not None:
@@ -242,8 +254,30 @@ def run(workdir: Path, *, clients: int = 8, seconds: float = 10.0, repeats: int 
                     f"{median([r.client_cpu / r.seconds for r in hook_rates]) * 100:.0f}% "
                     "of a core")
     section.add("jobd peak RSS during the runs", f"{rss / 1024:.1f} MiB")
+    _cpu_rows(section, jobd_rates, hook_rates)
     section.notes.append(
         f"each client uploads, then asks once with ?wait=30 (or polls every {ms(poll)}, "
         f"second row); the client and the daemon share the machine's {os.cpu_count()} cores "
         "(the client's CPU is reported above)")
     return section
+
+
+def _cpu_rows(section: Section, jobd: list[Rate], hook: list[Rate]) -> None:
+    """Where each job's CPU goes, in the same runs: what bounds the rate."""
+    def per_job(rates: list[Rate], field: str) -> float:
+        return median([getattr(r, field) / max(r.jobs, 1) for r in rates])
+
+    cores = os.cpu_count() or 1
+    hook_server = f"webhook: {ms(per_job(hook, 'server_cpu'))}" if hook else ""
+    section.add("CPU per job: the server process (one core at most: one GIL)",
+                ms(per_job(jobd, "server_cpu")), hook_server)
+    hook_jobs = f"webhook's: {ms(per_job(hook, 'jobs_cpu'))}" if hook else ""
+    section.add("CPU per job: its job processes (fork, exec, run.sh)",
+                ms(per_job(jobd, "jobs_cpu")), hook_jobs)
+    machine = per_job(jobd, "machine_cpu")
+    hook_machine = per_job(hook, "machine_cpu") if hook else 0.0
+    section.add("CPU per job: the whole machine (server, jobs, client, kernel)", ms(machine),
+                f"webhook: {ms(hook_machine)}" if hook else "")
+    section.add(f"ceiling if every one of the {cores} cores were busy (cores / machine CPU "
+                "per job)", f"{cores / machine:.0f}/s" if machine else "",
+                f"webhook: {cores / hook_machine:.0f}/s" if hook_machine else "")

@@ -279,10 +279,11 @@ async def list_jobs(request: Request) -> Response:
         labels[key] = value if sep else None
     limit = _int_param(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
     cursor = request.query_params.get("cursor") or None
+    client = auth.client_of(request)
     try:
         records, next_cursor = _manager(request).store.page(
             statuses=statuses, labels=labels or None, cursor=cursor, limit=limit,
-            where=auth.visible_to(auth.client_of(request)))
+            where=auth.visible_to(client), where_text=auth.visible_text(client))
     except ValueError:
         raise ApiError(400, f"invalid cursor {cursor!r}: use next_cursor of a listing") from None
     now = time.time()

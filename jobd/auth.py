@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import os
 import re
@@ -488,3 +489,14 @@ def visible_to(client: Client) -> Callable[[Mapping[str, Any]], bool]:
     anonymous callers even with a secret: a listing is not a request for one job)."""
     anonymous = replace(client, secret=None) if client.is_anonymous else client
     return lambda record: allows(anonymous, record)
+
+
+def visible_text(client: Client) -> Callable[[str], bool] | None:
+    """What a record's stored JSON text (`storage.dumps`) must contain for `visible_to` to
+    accept it, as a cheap first test (None: nothing to test). For a named client, its
+    name as the owner; the test may pass a record `visible_to` then refuses, never the
+    reverse."""
+    if client.is_admin or client.is_anonymous:
+        return None
+    needle = '"owner":' + json.dumps(client.name)
+    return lambda text: needle in text

@@ -121,8 +121,8 @@ class JobCgroup:
         """Create the cgroup, empty, with its settings written (blocking: in a worker thread,
         since every cgroup operation may wait for another's move, see `CgroupTree.plan`)."""
         if self.path.exists():
-            self.kill()
             try:
+                self.kill()
                 os.rmdir(self.path)
             except OSError as exc:
                 raise CgroupError(f"stale cgroup {self.path} cannot be removed: {exc}") from exc
@@ -221,21 +221,28 @@ class JobCgroup:
                 return int(value)
         return 0
 
-    def end(self) -> tuple[int, int, bool]:
+    def end(self, wait: float = 1.0) -> tuple[int, int, bool]:
         """After the job's first process exited (blocking, in a worker thread): kill what is
-        left, read the OOM kills and refused forks, try to remove the cgroup. Whether it is
-        gone; if not (its last processes are still exiting), `remove` waits for it."""
+        left, read the OOM kills and refused forks, remove the cgroup once its killed
+        processes are gone (up to `wait` seconds). Whether it is gone; if not, `remove`
+        goes on waiting."""
         self.kill()
         oom_kills, refused = self.oom_kills(), self.refused_forks()
-        try:
-            os.rmdir(self.path)
-        except FileNotFoundError:  # never made: the job ended before its move (run.py `_join`)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                os.rmdir(self.path)
+            except FileNotFoundError:  # gone already
+                return oom_kills, refused, True
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    log.error("could not remove cgroup %s: %s", self.path, exc)
+                    return oom_kills, refused, True
+                if time.monotonic() > deadline:
+                    return oom_kills, refused, False
+                time.sleep(0.005)  # killed processes take a moment to exit
+                continue
             return oom_kills, refused, True
-        except OSError as exc:
-            if exc.errno != errno.EBUSY:
-                log.error("could not remove cgroup %s: %s", self.path, exc)
-            return oom_kills, refused, exc.errno != errno.EBUSY
-        return oom_kills, refused, True
 
     async def remove(self, timeout: float = 10.0) -> None:
         """Kill what is left, wait until the cgroup is empty, remove it."""
@@ -307,9 +314,6 @@ class CgroupTree:
         used = " ".join(c for c in WANTED if c in self.controllers) or "none"
         kill = "cgroup.kill" if self.has_kill else "freeze+kill"
         return f"cgroup v2 {self.path} (controllers: {used}; {kill})"
-
-    def job(self, job_id: str) -> JobCgroup:
-        return JobCgroup(self.path / f"job-{job_id}", self.has_kill)
 
     def stale(self) -> list[JobCgroup]:
         """Job cgroups left by a daemon that died without cleaning up."""

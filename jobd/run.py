@@ -187,7 +187,7 @@ class LocalProcess:
 
     def __init__(self, popen: subprocess.Popen, exited: asyncio.Future[int],
                  cgroup: JobCgroup | None = None, marker: bytes | None = None,
-                 joining: asyncio.Future[None] | None = None) -> None:
+                 joining: asyncio.Future[bool] | None = None) -> None:
         self.pid = popen.pid
         self.cgroup = cgroup
         self._popen = popen
@@ -203,8 +203,14 @@ class LocalProcess:
         code, signum = exit_status(status)
         # Tell Popen the child is gone, so it never waitpid()s a recycled pid later.
         self._popen.returncode = code if code is not None else -(signum or 0)
-        if self._joining is not None and not await self._joining:
-            self.cgroup = None  # never made: the job ended first, or mkdir failed
+        if self._joining is not None:
+            try:
+                joined = await asyncio.shield(self._joining)
+            except Exception:  # an unforeseen error in the thread: still clean up below
+                log.exception("job process %d: joining its cgroup failed", self.pid)
+                joined = True
+            if not joined:
+                self.cgroup = None  # never made: the job ended first, or mkdir failed
         cgroup, self.cgroup = self.cgroup, None  # the group and the marker first, then it
         await self._kill_all(signal.SIGKILL)  # leftovers of the job die with it
         oom_kills = refused = 0
@@ -303,6 +309,8 @@ def created_since(first: int, proc: str = "/proc") -> list[int] | None:
         return None
     span = (last - first) % _PID_MAX
     if span < _PROBE_SPAN:  # the usual short job: those few pids, not a listing of /proc
+        # (thread ids among them too, which /proc answers for: harmless, since a signal
+        # sent to a thread's id reaches its whole process)
         return [(first + k) % _PID_MAX for k in range(span + 1)]
     return [pid for pid in map(int, filter(str.isdigit, os.listdir(proc)))
             if (pid - first) % _PID_MAX <= span]
@@ -438,9 +446,10 @@ async def _open_gate(popen: subprocess.Popen, program: str, limits: Limits | Non
 
 
 def _make_and_add(cgroup: JobCgroup, pid: int) -> bool:
-    """Make the cgroup and move the gated `pid` in (worker thread); False when the cgroup
-    cannot be made (the job then runs without it, as before cgroups). A failed move raises:
-    the job must not run outside the cgroup it was promised."""
+    """Make the cgroup and move the gated `pid` in (worker thread). False when the cgroup
+    cannot be made: the job then runs without it, and so without its cgroup limits, as the
+    error in the log says (a delegated cgroup that stops working must not stop every job).
+    A failed move raises: the cgroup exists, so the job must not run outside it."""
     try:
         cgroup.make()
     except CgroupError as exc:
@@ -465,6 +474,8 @@ def _join(cgroup: JobCgroup, pid: int, exited: asyncio.Future[int]) -> bool:
     except CgroupError as exc:
         log.error("%s runs without a cgroup: %s", cgroup.path.name, exc)
         return False
+    if exited.done():  # making it may have waited: the pid must still be the job's
+        return True
     try:
         cgroup.add(pid)
     except (OSError, CgroupError) as exc:

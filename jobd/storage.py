@@ -68,7 +68,7 @@ from typing import Any, Callable, NoReturn
 from tinydb import Storage, TinyDB
 from tinydb.table import Table
 
-__all__ = ["FORMAT_VERSION", "JournalDB", "JournalStorage", "JournalTable", "StoreError"]
+__all__ = ["FORMAT_VERSION", "JournalDB", "JournalStorage", "JournalTable", "StoreError", "dumps"]
 
 log = logging.getLogger("jobd.store")
 
@@ -82,8 +82,9 @@ class StoreError(Exception):
     """The database cannot be used as it is: raised instead of starting empty or guessing."""
 
 
-def _dumps(value: Any) -> str:
-    """One serialisation for the file and for change detection, so both agree."""
+def dumps(value: Any) -> str:
+    """One serialisation for the file, the documents in memory and change detection, so all
+    agree (compact separators, ASCII, no NaN)."""
     return _ENCODER.encode(value)
 
 
@@ -136,7 +137,7 @@ def _sync_all(files: list[str], journal: int | None) -> dict[str, OSError]:
     A file's failure belongs to its committer (returned); the journal's is the whole
     store's (raised)."""
     unique = list(dict.fromkeys(files))
-    synced = [_fsync_path(f) for f in unique]
+    synced = _FSYNC_POOL.map(_fsync_path, unique) if len(unique) > 1 else map(_fsync_path, unique)
     if journal is not None:
         os.fsync(journal)
     return {path: exc for path, exc in zip(unique, synced) if exc is not None}
@@ -217,7 +218,7 @@ class _Cursor:
 
 
 def _snapshot_tables(line: str) -> dict[str, dict[str, str]]:
-    """The tables of snapshot line ``line``, each document as its text (``_dumps``).
+    """The tables of snapshot line ``line``, each document as its text (``dumps``).
 
     Parsed one document at a time: all of them as dicts at once would take three times the
     memory for a moment, and the freed remains would stay scattered over the heap (seen:
@@ -250,7 +251,11 @@ def _snapshot_tables(line: str) -> dict[str, dict[str, str]]:
                 if not isinstance(doc, dict):
                     raise _NotSnapshot(f"document {doc_id!r} of table {name!r} is not an "
                                        "object with a str id")
-                table[doc_id] = _dumps(doc)
+                try:
+                    table[doc_id] = dumps(doc)
+                except ValueError as exc:  # NaN or an infinity: not written by jobd
+                    raise _NotSnapshot(f"document {doc_id!r} of table {name!r} is not valid "
+                                       f"JSON for jobd ({exc})") from exc
     if cursor.peek():
         raise ValueError(f"extra data at character {cursor.pos}")
     if version is _ABSENT:
@@ -264,10 +269,11 @@ def _snapshot_tables(line: str) -> dict[str, dict[str, str]]:
 
 
 class JournalStorage(Storage):
-    """Whole state in memory, changes appended to a JSON-lines journal (format above).
+    """Whole state in memory (each document as its JSON text), changes appended to a
+    JSON-lines journal (format above).
 
-    ``read()`` returns the live dict (no copy): callers must not mutate it except through
-    ``write``/``append`` or ``JournalTable``.
+    ``read()`` returns views that decode each document when it is read: changing what they
+    give changes nothing; changes go through ``write``/``append`` or ``JournalTable``.
     """
 
     def __init__(
@@ -324,7 +330,7 @@ class JournalStorage(Storage):
         problem = _check_tables(data)
         if problem:
             raise TypeError(f"cannot store {problem}")
-        self._snapshot({name: {doc_id: _dumps(doc) for doc_id, doc in table.items()}
+        self._snapshot({name: {doc_id: dumps(doc) for doc_id, doc in table.items()}
                         for name, table in data.items()})
 
     def documents(self, table: str) -> dict[str, str]:
@@ -356,7 +362,7 @@ class JournalStorage(Storage):
         for doc_id, doc in changes.items():
             if doc is not None and not isinstance(doc, dict):
                 raise TypeError(f"document {doc_id!r} is not a dict")
-            entries.append((str(doc_id), None if doc is None else _dumps(doc)))
+            entries.append((str(doc_id), None if doc is None else dumps(doc)))
         self._journal(table, entries, durable)
         live = self._data.setdefault(table, {})
         for doc_id, text in entries:
@@ -437,9 +443,9 @@ class JournalStorage(Storage):
         self._check_writable()
         if not entries:
             return
-        head = '{"t":' + _dumps(table) + ',"id":'
+        head = '{"t":' + dumps(table) + ',"id":'
         text = "".join(
-            head + _dumps(doc_id) + (',"del":true}\n' if doc is None else ',"doc":' + doc + "}\n")
+            head + dumps(doc_id) + (',"del":true}\n' if doc is None else ',"doc":' + doc + "}\n")
             for doc_id, doc in entries
         )
         data = text.encode("utf-8")
@@ -501,7 +507,7 @@ class JournalStorage(Storage):
         atomically."""
         self._check_writable()
         tables = ",".join(
-            _dumps(name) + ":{" + ",".join(_dumps(i) + ":" + doc for i, doc in table.items()) + "}"
+            dumps(name) + ":{" + ",".join(dumps(i) + ":" + doc for i, doc in table.items()) + "}"
             for name, table in data.items())
         text = f'{{"jobd_journal":{FORMAT_VERSION},"tables":{{{tables}}}}}\n'
         payload = text.encode("utf-8")
@@ -586,7 +592,7 @@ class JournalStorage(Storage):
     def _text(self, doc: dict, lineno: int, offset: int) -> str:
         """A document read from the file, as the text it is kept as."""
         try:
-            return _dumps(doc)
+            return dumps(doc)
         except ValueError as exc:  # NaN or an infinity: not written by jobd
             self._damaged(lineno, offset, f"document is not valid JSON for jobd ({exc})")
 
@@ -642,7 +648,7 @@ class _Tracked(MutableMapping):
             raise TypeError(f"document {key!r} is not a dict")
         doc_id = str(key)
         self._remember(doc_id)
-        self._live[doc_id] = _dumps(value)  # present (and valid JSON) from now on
+        self._live[doc_id] = dumps(value)  # present (and valid JSON) from now on
         self._docs[doc_id] = value  # encoded again by `changes`: it may still change
 
     def __delitem__(self, key: Any) -> None:
@@ -687,7 +693,7 @@ class _Tracked(MutableMapping):
                 if orig is not _ABSENT:
                     out.append((doc_id, None))
                 continue
-            text = _dumps(self._docs[doc_id]) if doc_id in self._docs else self._live[doc_id]
+            text = dumps(self._docs[doc_id]) if doc_id in self._docs else self._live[doc_id]
             self._live[doc_id] = text
             if text != orig:
                 out.append((doc_id, text))
@@ -765,16 +771,16 @@ class _StateView(MutableMapping):
             problem = _check_tables({name: table})
             if problem:
                 raise TypeError(f"cannot store {problem}")
-            out[name] = {str(doc_id): _dumps(doc) for doc_id, doc in table.items()}
+            out[name] = {str(doc_id): dumps(doc) for doc_id, doc in table.items()}
         return out
 
 
 class JournalTable(Table):
     """A TinyDB table whose writes touch only the changed documents (with JournalStorage).
 
-    Document ids are strings (jobd uses the job id). Reads see the live documents: TinyDB's
-    ``Document`` results are shallow copies, so do not mutate their nested values, and do
-    not write while iterating the table itself (use ``all()``). A write is all-or-nothing in
+    Document ids are strings (jobd uses the job id). Reads decode the stored text, so each
+    result is a copy of its own; do not write while iterating the table itself (use
+    ``all()``). ``documents()`` needs JournalStorage. A write is all-or-nothing in
     memory: if it fails, the documents it touched are restored. Writes touching several
     documents append one line each, in one ``write``: a crash may keep only a prefix. With
     any other storage the stock (whole-table) write path is used.
@@ -798,6 +804,8 @@ class JournalTable(Table):
     def documents(self) -> dict[str, str]:
         """The live ``{doc id: JSON text}`` dict, O(1); read-only by contract (decode a
         document with ``json.loads`` to read it)."""
+        if not isinstance(self._storage, JournalStorage):
+            raise TypeError("documents() needs JournalStorage, which keeps documents as text")
         return self._storage.documents(self.name)
 
     def _read_table(self) -> Mapping[str, dict]:

@@ -275,6 +275,38 @@ def test_paging_matches_brute_force(store: JobStore) -> None:
                 model, filters.get("statuses"), filters.get("labels")), (filters, limit)
 
 
+def test_text_prefilters_change_no_answer(store: JobStore) -> None:
+    """Records are filtered on their stored text before they are decoded: the answers are
+    those of the decoded records alone, also when the needle appears elsewhere."""
+    for i in range(60):
+        labels = {"team": "ab"[i % 2], "owner": "alice" if i % 3 else "bob"}
+        if i % 5 == 0:
+            labels['quo"te'] = "é\u2028"
+        store.add({**record(f"j{i:02}", STATUSES[i % 5], labels=labels),
+                   "owner": "alice" if i % 4 == 0 else "bob"})
+
+    def alice(rec: dict) -> bool:
+        return rec.get("owner") == "alice"
+
+    for labels in (None, {"owner": "alice"}, {'quo"te': "é\u2028"}, {'quo"te': None},
+                   {"team": "b", "owner": None}):
+        plain = walk(store, 4, labels=labels, where=alice)
+        fast = walk(store, 4, labels=labels, where=alice,
+                    where_text=lambda text: '"owner":"alice"' in text)
+        assert fast == plain, labels
+        model = {r["id"]: r for r in store if alice(r)}
+        assert plain == expected_page(model, None, labels)
+
+
+def test_update_returns_what_get_gives(store: JobStore) -> None:
+    store.add(record("a"))
+    updated = store.update("a", {"args": ("x", 1), "labels": {"k": "v"}})
+    assert updated == store.get("a") and updated["args"] == ["x", 1]
+    with pytest.raises(ValueError):
+        store.update("a", {"bad": float("nan")})
+    assert store.get("a") == updated
+
+
 def test_cursor_survives_changes(store: JobStore) -> None:
     for i in range(10):
         store.add(record(f"j{i}"))
@@ -364,6 +396,9 @@ class StoreModel(RuleBasedStateMachine):
         for filters in ({}, {"statuses": ["RUNNING", "FAILED"]}, {"labels": {"team": "b"}}):
             assert walk(self.store, 3, **filters) == expected_page(
                 self.model, filters.get("statuses"), filters.get("labels"))
+        waiting = [float(r.get("queued") or r["created"]) for r in self.model.values()
+                   if r["status"] == "QUEUED"]
+        assert self.store.oldest_queued() == (min(waiting) if waiting else None)
 
 
 TestStoreModel = StoreModel.TestCase

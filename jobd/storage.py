@@ -173,7 +173,11 @@ class _NotSnapshot(Exception):
     """Line 1 is JSON, but not a jobd journal snapshot (a file jobd did not write)."""
 
 
-_DECODER = json.JSONDecoder()
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)  # refuses NaN and infinities
 _SPACE = re.compile(r"[ \t\n\r]*")
 
 
@@ -198,6 +202,13 @@ class _Cursor:
         self.peek()
         value, self.pos = _DECODER.raw_decode(self.text, self.pos)
         return value
+
+    def value_and_text(self) -> tuple[Any, str]:
+        """The value here and the text it was parsed from."""
+        self.peek()
+        start = self.pos
+        value, self.pos = _DECODER.raw_decode(self.text, start)
+        return value, self.text[start:self.pos]
 
     def members(self) -> Iterator[str]:
         """The keys of the object here; after each, the caller consumes its value."""
@@ -247,15 +258,11 @@ def _snapshot_tables(line: str) -> dict[str, dict[str, str]]:
                 raise _NotSnapshot(f"table {name!r} is not an object")
             table = tables[name] = {}
             for doc_id in cursor.members():
-                doc = cursor.value()
+                doc, text = cursor.value_and_text()
                 if not isinstance(doc, dict):
                     raise _NotSnapshot(f"document {doc_id!r} of table {name!r} is not an "
                                        "object with a str id")
-                try:
-                    table[doc_id] = dumps(doc)
-                except ValueError as exc:  # NaN or an infinity: not written by jobd
-                    raise _NotSnapshot(f"document {doc_id!r} of table {name!r} is not valid "
-                                       f"JSON for jobd ({exc})") from exc
+                table[doc_id] = text  # jobd wrote it with dumps; edited by hand, still JSON
     if cursor.peek():
         raise ValueError(f"extra data at character {cursor.pos}")
     if version is _ABSENT:

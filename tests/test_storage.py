@@ -199,6 +199,20 @@ def test_documents_are_kept_as_their_journal_text(tmp_path: Path) -> None:
     assert JournalStorage(path).documents("jobs") == {"a": text}
 
 
+def test_a_snapshot_edited_by_hand_loads(tmp_path: Path) -> None:
+    """A snapshot line another tool wrote (spaces, other key order, raw UTF-8) is read as
+    it is; NaN is refused as jobd never writes it."""
+    path = tmp_path / "jobs.json"
+    path.write_text('{ "tables" : { "jobs" : { "a" : { "id" : "a", "n" : [ 1 , 2.5 ] ,'
+                    ' "s" : "é\\u00e9" } } } , "jobd_journal" : 1 }\n', encoding="utf-8")
+    storage = JournalStorage(path, fsync=False)
+    assert storage.read() == {"jobs": {"a": {"id": "a", "n": [1, 2.5], "s": "éé"}}}
+    storage.close()
+    path.write_text('{"jobd_journal":1,"tables":{"jobs":{"a":{"x":NaN}}}}\n')
+    with pytest.raises(StoreError, match="damaged at line 1.*NaN"):
+        JournalStorage(path)
+
+
 def test_one_write_appends_constant_bytes(tmp_path: Path) -> None:
     """The cost of a write does not depend on how many documents there are."""
     appended = []

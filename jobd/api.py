@@ -15,13 +15,13 @@ import zipfile
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from jobd import archive, artifacts, auth, download, job, logs, multipart, pack
+from jobd import archive, artifacts, auth, download, job, logs, pack
 from jobd.classic import BodyTooLarge, receive_upload
 from jobd.files import remove
 from jobd.manager import Conflict, JobManager, Locked, NotFound, parse_wait
@@ -33,9 +33,12 @@ from jobd.options import (
     parse_request,
     shown_params,
 )
-from jobd.spec import ParamError, Spec
 from jobd.store import JobExists
 from jobd.upload import UploadError
+
+if TYPE_CHECKING:
+    from jobd import multipart
+    from jobd.spec import Spec
 
 PREFIX = "/api/v1"
 MAX_LIMIT = 1000
@@ -175,6 +178,8 @@ async def create(request: Request) -> Response:
 async def create_multipart(request: Request) -> Response:
     """multipart/form-data create: file parts become the working directory (one archive part
     is unpacked), text fields are the same options as the JSON body."""
+    from jobd import multipart  # on the first form: keeps an idle daemon's memory down
+
     manager = _manager(request)
     config = manager.config
     form_dir = manager.data.new_incoming(suffix=".form")
@@ -198,6 +203,8 @@ async def create_multipart(request: Request) -> Response:
 
 async def _form(request: Request, form_dir: Path, max_body: int) -> multipart.Form:
     """The multipart body, files on disk under `form_dir`; its faults are the client's."""
+    from jobd import multipart  # on the first form: keeps an idle daemon's memory down
+
     try:
         return await multipart.receive_form(request, form_dir, max_body=max_body)
     except multipart.BodyTooLarge as exc:
@@ -560,6 +567,8 @@ async def create_from_spec(request: Request) -> Response:
     try:
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media == "multipart/form-data":
+            from jobd import multipart  # loaded by _form
+
             form = await _form(request, form_dir, config.max_body)
             fields = _spec_form_fields(form.fields)
             if form.files:
@@ -585,6 +594,8 @@ async def create_from_spec(request: Request) -> Response:
         params = fields.get("params") or {}
         if not isinstance(params, dict):
             return problem(400, "params must be an object of parameter values")
+        from jobd.spec import ParamError  # loaded with the specs (app.load_configured_specs)
+
         try:
             values = spec.values(params)
         except ParamError as exc:

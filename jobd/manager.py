@@ -13,7 +13,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from jobd import archive, artifacts, auth, job, pack
 from jobd.auth import Client
@@ -35,10 +35,12 @@ from jobd.run import (
     leftover_processes,
 )
 from jobd.schedule import Scheduler
-from jobd.slurm import TOKEN, OptionError, SlurmError, SlurmExecutor, SlurmGaveUp, SlurmJob
-from jobd.spec import Spec
 from jobd.store import JobExists, JobStore, StoreError
 from jobd.users import Identity, UserPolicy
+
+if TYPE_CHECKING:
+    from jobd.slurm import SlurmExecutor, SlurmJob
+    from jobd.spec import Spec
 
 log = logging.getLogger("jobd.jobs")
 
@@ -135,8 +137,12 @@ class JobManager:
         self.executor = LocalExecutor(reaper)
         # Slurm jobs are followed by their own tasks, outside the scheduler's slots: a slot
         # covers preparing the job; the cluster, not this machine, bounds how many run.
-        self.slurm = (SlurmExecutor(config, reaper, self._remote_update)
-                      if config.slurm_enabled else None)
+        self.slurm: SlurmExecutor | None = None
+        if config.slurm_enabled:
+            # jobd.slurm is imported only when the executor is on: keeps idle memory down.
+            from jobd.slurm import SlurmExecutor
+
+            self.slurm = SlurmExecutor(config, reaper, self._remote_update)
         self._remote: dict[str, SlurmJob] = {}
         self._remote_tasks: dict[str, asyncio.Task[None]] = {}
         self.limits = archive.Limits(max_size=config.max_unpacked,
@@ -770,6 +776,8 @@ class JobManager:
                                 "message": "the slurm executor is not configured on this jobd "
                                            "(JOBD_SLURM)"}, durable=True)
             return
+        from jobd.slurm import TOKEN  # loaded with self.slurm
+
         # A restarted job's old token must not lead recovery back to its previous Slurm job.
         remove(self.files(record["id"]).root / TOKEN)
         self._move(record, {"status": job.PREPARED, "started": None, "slurm_id": None,
@@ -827,6 +835,8 @@ class JobManager:
     async def _remote_handle(self, record: dict[str, Any], files: JobFiles,
                              recovering: bool) -> SlurmJob | Outcome:
         """The handle of the job's Slurm job, or the Outcome when it never got that far."""
+        from jobd.slurm import TOKEN, OptionError, SlurmError, SlurmGaveUp  # with self.slurm
+
         assert self.slurm is not None
         slurm = self.slurm
         job_id = record["id"]

@@ -42,7 +42,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from jobd import __version__, archive, auth, job, multipart, pack
+from jobd import __version__, archive, auth, job, pack
 from jobd.cpu import CpuLoad
 from jobd.manager import JobManager, Locked, NotFound
 
@@ -147,6 +147,8 @@ def _zip_bytes(data: bytes) -> Response:
 
 
 async def submit(request: Request) -> Response:
+    from jobd import multipart  # on the first submit: keeps an idle daemon's memory down
+
     manager: JobManager = request.app.state.manager
     config = manager.config
     if config.locked:

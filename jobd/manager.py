@@ -7,6 +7,7 @@ nothing else, so a rule about jobs is written once, here or in `job.py`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from jobd import archive, artifacts, auth, job, pack
+from jobd import artifacts, auth, job
 from jobd.auth import Client
 from jobd.cgroup import CgroupError, CgroupTree, JobCgroup
 from jobd.config import Config, parse_duration
@@ -39,6 +40,7 @@ from jobd.store import JobExists, JobStore, StoreError
 from jobd.users import Identity, UserPolicy
 
 if TYPE_CHECKING:
+    from jobd import archive
     from jobd.slurm import SlurmExecutor, SlurmJob
     from jobd.spec import Spec
 
@@ -145,9 +147,6 @@ class JobManager:
             self.slurm = SlurmExecutor(config, reaper, self._remote_update)
         self._remote: dict[str, SlurmJob] = {}
         self._remote_tasks: dict[str, asyncio.Task[None]] = {}
-        self.limits = archive.Limits(max_size=config.max_unpacked,
-                                     max_entries=config.max_entries,
-                                     max_ratio=config.max_ratio)
         self.scheduler = Scheduler(store, self._execute, slots=config.effective_slots,
                                    poll_interval=config.poll_interval)
         self.default_limits = Limits.from_config(config)
@@ -171,6 +170,15 @@ class JobManager:
         # Called with the final record of every job that ran and ended (metrics).
         self.job_end_listeners: list[Callable[[dict[str, Any]], None]] = []
         self.numeric_ids: NumericIds | None = None  # built in start()
+
+    @functools.cached_property
+    def limits(self) -> archive.Limits:
+        """What one input may unpack to."""
+        from jobd import archive  # on first use: keeps an idle daemon's memory down
+
+        return archive.Limits(max_size=self.config.max_unpacked,
+                              max_entries=self.config.max_entries,
+                              max_ratio=self.config.max_ratio)
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -426,6 +434,8 @@ class JobManager:
     async def check_input(self, upload: Path, entry: str | None = "run.sh") -> None:
         """archive.check_zip within this daemon's limits: on the event loop for a small
         upload, in a worker thread otherwise. ArchiveError says what is wrong."""
+        from jobd import archive  # on first use: keeps an idle daemon's memory down
+
         if upload.stat().st_size <= SMALL_INPUT:
             archive.check_zip(upload, self.limits, entry)
         else:
@@ -652,6 +662,8 @@ class JobManager:
         started = record.get("started") or time.time()
         self._mean_run = 0.8 * self._mean_run + 0.2 * max(0.0, time.time() - started)
         changes = job.outcome_fields(outcome.exit_code, outcome.signal, reason=outcome.reason)
+        from jobd import pack  # on first use: keeps an idle daemon's memory down
+
         try:
             if record.get("executor", "local") == "local" and \
                     all(pack.is_small(d) for d in (files.work, files.home, files.tmp)):
@@ -710,6 +722,8 @@ class JobManager:
 
     async def _run_as(self, record: dict[str, Any], files: JobFiles) -> Outcome:
         """Prepare, confine and start the job's process; wait for it."""
+        from jobd import archive  # on first use: keeps an idle daemon's memory down
+
         job_id = record["id"]
         options = record.get("options") or {}
         cgroup: JobCgroup | None = None
@@ -835,6 +849,7 @@ class JobManager:
     async def _remote_handle(self, record: dict[str, Any], files: JobFiles,
                              recovering: bool) -> SlurmJob | Outcome:
         """The handle of the job's Slurm job, or the Outcome when it never got that far."""
+        from jobd import archive  # on first use: keeps an idle daemon's memory down
         from jobd.slurm import TOKEN, OptionError, SlurmError, SlurmGaveUp  # with self.slurm
 
         assert self.slurm is not None
@@ -919,6 +934,8 @@ class JobManager:
                  identity: Identity | None) -> None:
         """A fresh working directory with the input unpacked, an empty log, home and tmp,
         owned by the user the job runs as."""
+        from jobd import archive  # on first use: keeps an idle daemon's memory down
+
         remove(files.work, files.result, files.home, files.tmp)
         archive.extract(files.input, files.work, self.limits)
         if (record.get("options") or {}).get("spec"):  # others see just their upload
@@ -930,6 +947,8 @@ class JobManager:
 
     def _pack(self, files: JobFiles) -> tuple[int, list[dict[str, Any]]]:
         """The result zip's size and the artifacts listing."""
+        from jobd import pack  # on first use: keeps an idle daemon's memory down
+
         if not files.work.exists():
             files.work.mkdir()
         artifacts.prune_if_empty(files.work)

@@ -17,13 +17,16 @@ def main() -> None:
         from jobd.config import Config, ConfigError
 
         try:
-            config = Config.load()
+            config: Config | None = Config.load()
         except ConfigError:
-            pass  # the command line says why, with its usage line
-        else:
+            config = None  # the command line reports it, with its usage line
+        if config is not None:
             from jobd.server import serve
 
-            sys.exit(serve(config))
+            try:
+                sys.exit(serve(config))
+            except KeyboardInterrupt:  # before the server handles SIGINT: as the CLI says it
+                sys.exit("Aborted!")
     from jobd.cli import main as command_line
 
     command_line()

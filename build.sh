@@ -40,7 +40,7 @@ PY
 # Dockerfile pre-unpacks into /opt/jobd-cache for read-only containers).
 "$VENV/bin/shiv" -q \
     -o dist/jobd \
-    -e jobd.cli:main \
+    -e jobd.__main__:main \
     -p '/usr/bin/env python3' \
     --root /tmp \
     --compile-pyc \

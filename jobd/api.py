@@ -15,13 +15,13 @@ import zipfile
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from jobd import archive, artifacts, auth, download, job, logs, multipart, pack
+from jobd import artifacts, auth, download, job, logs
 from jobd.classic import BodyTooLarge, receive_upload
 from jobd.files import remove
 from jobd.manager import Conflict, JobManager, Locked, NotFound, parse_wait
@@ -33,9 +33,11 @@ from jobd.options import (
     parse_request,
     shown_params,
 )
-from jobd.spec import ParamError, Spec
 from jobd.store import JobExists
-from jobd.upload import UploadError
+
+if TYPE_CHECKING:
+    from jobd import multipart, pack
+    from jobd.spec import Spec
 
 PREFIX = "/api/v1"
 MAX_LIMIT = 1000
@@ -175,6 +177,8 @@ async def create(request: Request) -> Response:
 async def create_multipart(request: Request) -> Response:
     """multipart/form-data create: file parts become the working directory (one archive part
     is unpacked), text fields are the same options as the JSON body."""
+    from jobd import archive, multipart  # on first use: keeps an idle daemon's memory down
+
     manager = _manager(request)
     config = manager.config
     form_dir = manager.data.new_incoming(suffix=".form")
@@ -198,6 +202,8 @@ async def create_multipart(request: Request) -> Response:
 
 async def _form(request: Request, form_dir: Path, max_body: int) -> multipart.Form:
     """The multipart body, files on disk under `form_dir`; its faults are the client's."""
+    from jobd import multipart  # on the first form: keeps an idle daemon's memory down
+
     try:
         return await multipart.receive_form(request, form_dir, max_body=max_body)
     except multipart.BodyTooLarge as exc:
@@ -207,6 +213,8 @@ async def _form(request: Request, form_dir: Path, max_body: int) -> multipart.Fo
 
 
 async def create_json(request: Request) -> Response:
+    from jobd.upload import UploadError  # on first use: keeps an idle daemon's memory down
+
     manager = _manager(request)
     config = manager.config
     incoming = manager.data.new_incoming()
@@ -236,6 +244,8 @@ async def create_json(request: Request) -> Response:
 async def _store_job(manager: JobManager, asked: JobRequest, upload: Path,
                      client: auth.Client) -> Response:
     """Check the archive holds the entry point, then store the job (shared by both forms)."""
+    from jobd import archive  # on first use: keeps an idle daemon's memory down
+
     job_id = asked.job_id or job.new_id()
     if manager.exists(job_id):
         return problem(409, f"job {job_id} already exists")
@@ -408,6 +418,8 @@ def _file_entry(info: pack.FileInfo) -> dict[str, Any]:
 @endpoint
 async def list_files(request: Request) -> Response:
     """GET /api/v1/jobs/{id}/files: the working directory (live while the job runs)."""
+    from jobd import pack  # on first use: keeps an idle daemon's memory down
+
     _check_query(request, ())
     manager = _manager(request)
     for _ in range(3):  # the job may finish (and its directory go) while we look
@@ -428,6 +440,8 @@ async def list_files(request: Request) -> Response:
 @endpoint
 async def get_file(request: Request) -> Response:
     """GET /api/v1/jobs/{id}/files/{path}: one file, Range supported."""
+    from jobd import pack  # on first use: keeps an idle daemon's memory down
+
     _check_query(request, ())
     manager = _manager(request)
     record = _record(request)
@@ -487,12 +501,16 @@ async def get_archive(request: Request) -> Response:
 
 def _stream(kind: str, path: Path, fmt: str) -> Iterator[bytes]:
     """The archive generator (its checks run here, before the answer starts)."""
+    from jobd import pack  # on first use: keeps an idle daemon's memory down
+
     if fmt == "zip":
         return pack.iter_zip(path)
     return pack.iter_tar_gz(path)
 
 
 def _open_plain(path: Path) -> tuple[BinaryIO, pack.FileInfo]:
+    from jobd import pack  # on first use: keeps an idle daemon's memory down
+
     handle = open(path, "rb")  # noqa: SIM115 - closed by the response body
     st = os.fstat(handle.fileno())
     return handle, pack.FileInfo(path.name, st.st_size, st.st_mtime, "application/zip", "file")
@@ -553,6 +571,11 @@ async def get_spec(request: Request) -> Response:
 @endpoint
 async def create_from_spec(request: Request) -> Response:
     """POST /api/v1/specs/{name}/jobs: parameter values (and optional files) make a job."""
+    # Imported on first use: keeps an idle daemon's memory down.
+    from jobd import archive, multipart
+    from jobd.spec import ParamError
+    from jobd.upload import UploadError
+
     spec = _spec(request)
     manager = _manager(request)
     config = manager.config
@@ -619,6 +642,8 @@ async def create_from_spec(request: Request) -> Response:
 
 async def _build_zip(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Run an archive step in a thread; its ArchiveError is the client's 400."""
+    from jobd import archive  # on first use: keeps an idle daemon's memory down
+
     try:
         return await asyncio.to_thread(function, *args, **kwargs)
     except archive.ArchiveError as exc:

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -21,8 +21,10 @@ from jobd.auth import Authenticator, AuthMiddleware
 from jobd.config import Config
 from jobd.manager import JobManager, Rejected
 from jobd.reaper import Reaper
-from jobd.spec import Spec, load_specs
 from jobd.store import JobStore
+
+if TYPE_CHECKING:
+    from jobd.spec import Spec
 
 log = logging.getLogger("jobd.http")
 
@@ -97,6 +99,8 @@ def load_configured_specs(config: Config) -> dict[str, Spec]:
     """The specs of JOBD_SPECS_DIR; a broken one raises SpecError (the daemon must not start)."""
     if not config.specs_dir:
         return {}
+    from jobd.spec import load_specs  # only with specs to load: keeps idle memory down
+
     specs = load_specs(Path(config.specs_dir))
     log.info("loaded %d job spec(s) from %s: %s", len(specs), config.specs_dir,
              ", ".join(sorted(specs)) or "none")

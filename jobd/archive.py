@@ -28,21 +28,22 @@ Decisions:
 from __future__ import annotations
 
 import bz2
-import gzip
 import io
 import logging
 import os
 import re
 import stat
 import struct
-import tarfile
 import time
 import zipfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Union
+from typing import TYPE_CHECKING, Any, BinaryIO, Union
+
+if TYPE_CHECKING:
+    import tarfile
 
 try:
     import lzma
@@ -65,10 +66,21 @@ _SPECIAL = {stat.S_IFCHR: "character device", stat.S_IFBLK: "block device",
             stat.S_IFIFO: "FIFO", stat.S_IFSOCK: "socket"}
 
 _READ_ERRORS: tuple[type[BaseException], ...] = (
-    zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, zlib.error, EOFError, OSError,
+    zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError,
     ValueError, NotImplementedError, RuntimeError, struct.error)
 if lzma is not None:
     _READ_ERRORS += (lzma.LZMAError,)
+
+
+def _tar_read_errors() -> tuple[type[BaseException], ...]:
+    """What reading a tar may raise: `_READ_ERRORS` and tarfile's own errors.
+
+    tarfile (and gzip) are imported on the first tar input, not at start: most inputs are
+    zips, and this keeps an idle daemon's memory down.
+    """
+    import tarfile
+
+    return (*_READ_ERRORS, tarfile.TarError)
 
 
 class ArchiveError(ValueError):
@@ -188,6 +200,8 @@ _COMPRESSED = (("tar.gz", b"\x1f\x8b"), ("tar.bz2", b"BZh"), ("tar.xz", b"\xfd7z
 def _decompressed(kind: str, raw: BinaryIO) -> BinaryIO:
     """The tar stream inside a compressed file (`raw` itself for a plain tar)."""
     if kind == "tar.gz":
+        import gzip  # on first use: keeps idle memory down (see _tar_read_errors)
+
         return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
     if kind == "tar.bz2":
         return bz2.BZ2File(raw)  # type: ignore[return-value]
@@ -456,9 +470,11 @@ def check_zip(path: PathLike, limits: Limits = _DEFAULT,
 class _Tree:
     """Creates entries below `dest` through directory descriptors, never following a link."""
 
-    def __init__(self, dest: Path, limits: Limits, archive_size: int, damaged: str) -> None:
+    def __init__(self, dest: Path, limits: Limits, archive_size: int, damaged: str,
+                 read_errors: tuple[type[BaseException], ...] = _READ_ERRORS) -> None:
         self.limits = limits
         self.damaged = damaged  # "input is a damaged zip file", or tar
+        self.read_errors = read_errors  # what reading the archive may raise
         self.archive_size = archive_size
         self.written = 0
         self.entries = 0
@@ -517,7 +533,7 @@ class _Tree:
                 piece = contents.read(_CHUNK)
             except ArchiveError:
                 raise
-            except _READ_ERRORS as exc:
+            except self.read_errors as exc:
                 raise ArchiveError(f"{self.damaged}: entry {_q(name)}: {exc}") from exc
             if not piece:
                 return
@@ -631,13 +647,14 @@ class _HeaderBudget:
 def _tar_members(tf: tarfile.TarFile, reader: _HeaderBudget,
                  limits: Limits) -> Iterator[_Member]:
     """Checked members, read one at a time (tarfile's member list is not kept)."""
+    read_errors = _tar_read_errors()
     while True:
         reader.budget = _HEADER_BUDGET
         try:
             info = tf.next()
         except ArchiveError:
             raise
-        except _READ_ERRORS as exc:
+        except read_errors as exc:
             raise ArchiveError(f"input is a damaged tar file: {exc}") from exc
         finally:
             reader.budget = None
@@ -675,6 +692,8 @@ def _tar_members(tf: tarfile.TarFile, reader: _HeaderBudget,
 
 
 def _extract_tar(path: PathLike, kind: str, tree: _Tree) -> None:
+    import tarfile  # on first use: keeps idle memory down (see _tar_read_errors)
+
     with open(path, "rb") as raw, _decompressed(kind, raw) as stream:
         reader = _HeaderBudget(stream)
         try:
@@ -683,7 +702,7 @@ def _extract_tar(path: PathLike, kind: str, tree: _Tree) -> None:
                 fileobj=reader, mode="r:", encoding="utf-8", errors="surrogateescape")
         except ArchiveError:
             raise
-        except _READ_ERRORS as exc:
+        except tree.read_errors as exc:
             raise ArchiveError(f"input is a damaged tar file: {exc}") from exc
         finally:
             reader.budget = None
@@ -728,8 +747,11 @@ def extract(path: PathLike, dest: PathLike, limits: Limits = _DEFAULT) -> None:
     kind = detect(path)
     if kind is None:
         raise ArchiveError("input is not a zip or tar archive")
-    damaged = f"input is a damaged {'zip' if kind == 'zip' else 'tar'} file"
-    tree = _Tree(Path(dest), limits, os.path.getsize(path), damaged)
+    size = os.path.getsize(path)
+    if kind == "zip":
+        tree = _Tree(Path(dest), limits, size, "input is a damaged zip file")
+    else:
+        tree = _Tree(Path(dest), limits, size, "input is a damaged tar file", _tar_read_errors())
     try:
         if kind == "zip":
             _extract_zip(path, tree)

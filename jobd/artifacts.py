@@ -13,8 +13,6 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from jobd import pack
-
 DIRECTORY = "artifacts"
 _CHUNK = 1 << 20
 
@@ -32,6 +30,8 @@ def collect(work: Path) -> list[dict[str, Any]]:
     root = work / DIRECTORY
     if not root.is_dir() or root.is_symlink():
         return []
+    from jobd import pack  # on first use: keeps an idle daemon's memory down
+
     found = []
     for info in pack.list_dir(root):
         if info.kind != "file":

@@ -53,11 +53,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from jobd.config import Config, ConfigError
 from jobd.errors import error
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.9 and 3.10: the same parser, as a pure-Python package
-    import tomli as tomllib
-
 log = logging.getLogger("jobd.auth")
 
 ADMIN = "admin"
@@ -229,6 +224,12 @@ def parse_token_lines(text: str, source: str) -> list[Token]:
 
 def parse_token_toml(text: str, source: str) -> list[Token]:
     """`[[token]]` tables with `client`, `role`, `sha256` and an optional `expires`."""
+    # The TOML parser only for a TOML tokens file: keeps an idle daemon's memory down.
+    if sys.version_info >= (3, 11):
+        import tomllib  # novermin: 3.11+, by the check above
+    else:  # Python 3.9 and 3.10: the same parser, as a pure-Python package
+        import tomli as tomllib
+
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -12,17 +12,19 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from jobd import archive, auth, job, limits, pack
+from jobd import auth, job, limits
 from jobd.limits import BodyTooLarge
 from jobd.manager import InvalidOptions, JobManager, Locked, NotFound, Rejected, parse_wait
 from jobd.store import JobExists
-from jobd.upload import ClassicBodyScanner, UploadError
+
+if TYPE_CHECKING:
+    from jobd.upload import ClassicBodyScanner
 
 # Results up to this size are encoded in one go; larger ones stream in chunks.
 _INLINE_RESULT = 256 * 1024
@@ -104,6 +106,8 @@ def result_response(record: dict[str, Any], result: Path, status: int) -> Respon
     if size <= _INLINE_RESULT:
         output = base64.b64encode(result.read_bytes()).decode("ascii")
         return JSONResponse(classic_record(record, output), status)
+    from jobd import pack  # on first use: keeps an idle daemon's memory down
+
     head = json.dumps(record_head(record))[:-1].encode() + b', "Output": "'
     tail = b'", ' + json.dumps(record_tail(record))[1:].encode()
     length = len(head) + pack.base64_size(size) + len(tail)
@@ -124,6 +128,8 @@ async def receive_upload(request: Request, dest: Path,
     The body is read through `limits.body`: BodyTooLarge past `max_body`, BodyTimeout for a
     client that sends too slowly. Not synced: `JobManager.create` syncs the input it keeps.
     """
+    from jobd.upload import ClassicBodyScanner  # on first use: keeps an idle daemon's memory down
+
     with open(dest, "wb") as sink:
         scanner = ClassicBodyScanner(sink)
         async for chunk in limits.body(request, max_body):
@@ -133,6 +139,10 @@ async def receive_upload(request: Request, dest: Path,
 
 
 async def upload(request: Request) -> Response:
+    # Imported on first use: keeps an idle daemon's memory down.
+    from jobd import archive
+    from jobd.upload import UploadError
+
     manager: JobManager = request.app.state.manager
     config = manager.config
     if config.locked:

@@ -11,12 +11,13 @@ import asyncio
 import re
 from collections.abc import Iterator
 from email.utils import formatdate
-from typing import BinaryIO, Callable
+from typing import TYPE_CHECKING, BinaryIO, Callable
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from jobd.pack import FileInfo
+if TYPE_CHECKING:
+    from jobd.pack import FileInfo
 
 CHUNK = 1 << 20
 _RANGE = re.compile(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*")

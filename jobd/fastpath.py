@@ -70,10 +70,20 @@ _HEADER = re.compile(
 _NOT_HERE = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade",
                        b"forwarded", b"x-forwarded-for", b"x-forwarded-proto",
                        b"x-forwarded-host", b"x-forwarded-port", b"te"})
-STATUS_LINES = {code: b"HTTP/1.1 %d %s\r\n" % (code, phrase)
-                for code, phrase in STATUS_PHRASES.items()}
 # Response headers that would make h11 do more than write them out.
 _RESPONSE_NOT_HERE = frozenset({b"connection", b"transfer-encoding"})
+
+
+class _StatusLines(dict[int, bytes]):
+    """`HTTP/1.1 <code> <phrase>\\r\\n` by status code, each made when first answered: the
+    fast path answers with a handful of codes, and all 500 made up front cost idle memory."""
+
+    def __missing__(self, code: int) -> bytes:
+        line = self[code] = b"HTTP/1.1 %d %s\r\n" % (code, STATUS_PHRASES[code])
+        return line
+
+
+STATUS_LINES = _StatusLines()
 
 
 class Endpoint:

@@ -7,15 +7,16 @@ nothing else, so a rule about jobs is written once, here or in `job.py`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from jobd import archive, artifacts, auth, job, pack
+from jobd import artifacts, auth, job
 from jobd.auth import Client
 from jobd.cgroup import CgroupTree, JobCgroup
 from jobd.config import Config, parse_duration
@@ -35,10 +36,13 @@ from jobd.run import (
     leftover_processes,
 )
 from jobd.schedule import Scheduler
-from jobd.slurm import TOKEN, OptionError, SlurmError, SlurmExecutor, SlurmGaveUp, SlurmJob
-from jobd.spec import Spec
 from jobd.store import JobExists, JobStore, StoreError
 from jobd.users import Identity, UserPolicy
+
+if TYPE_CHECKING:
+    from jobd import archive
+    from jobd.slurm import SlurmExecutor, SlurmJob
+    from jobd.spec import Spec
 
 log = logging.getLogger("jobd.jobs")
 
@@ -135,13 +139,14 @@ class JobManager:
         self.executor = LocalExecutor(reaper)
         # Slurm jobs are followed by their own tasks, outside the scheduler's slots: a slot
         # covers preparing the job; the cluster, not this machine, bounds how many run.
-        self.slurm = (SlurmExecutor(config, reaper, self._remote_update)
-                      if config.slurm_enabled else None)
+        self.slurm: SlurmExecutor | None = None
+        if config.slurm_enabled:
+            # jobd.slurm is imported only when the executor is on: keeps idle memory down.
+            from jobd.slurm import SlurmExecutor
+
+            self.slurm = SlurmExecutor(config, reaper, self._remote_update)
         self._remote: dict[str, SlurmJob] = {}
         self._remote_tasks: dict[str, asyncio.Task[None]] = {}
-        self.limits = archive.Limits(max_size=config.max_unpacked,
-                                     max_entries=config.max_entries,
-                                     max_ratio=config.max_ratio)
         self.scheduler = Scheduler(store, self._execute, slots=config.effective_slots,
                                    poll_interval=config.poll_interval)
         self.default_limits = Limits.from_config(config)
@@ -165,6 +170,15 @@ class JobManager:
         # Called with the final record of every job that ran and ended (metrics).
         self.job_end_listeners: list[Callable[[dict[str, Any]], None]] = []
         self.numeric_ids: NumericIds | None = None  # built in start()
+
+    @functools.cached_property
+    def limits(self) -> archive.Limits:
+        """What one input may unpack to."""
+        from jobd import archive  # on first use: keeps an idle daemon's memory down
+
+        return archive.Limits(max_size=self.config.max_unpacked,
+                              max_entries=self.config.max_entries,
+                              max_ratio=self.config.max_ratio)
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -420,6 +434,8 @@ class JobManager:
     async def check_input(self, upload: Path, entry: str | None = "run.sh") -> None:
         """archive.check_zip within this daemon's limits: on the event loop for a small
         upload, in a worker thread otherwise. ArchiveError says what is wrong."""
+        from jobd import archive  # on first use: keeps an idle daemon's memory down
+
         if upload.stat().st_size <= SMALL_INPUT:
             archive.check_zip(upload, self.limits, entry)
         else:
@@ -646,6 +662,8 @@ class JobManager:
         started = record.get("started") or time.time()
         self._mean_run = 0.8 * self._mean_run + 0.2 * max(0.0, time.time() - started)
         changes = job.outcome_fields(outcome.exit_code, outcome.signal, reason=outcome.reason)
+        from jobd import pack  # on first use: keeps an idle daemon's memory down
+
         try:
             if record.get("executor", "local") == "local" and \
                     all(pack.is_small(d) for d in (files.work, files.home, files.tmp)):
@@ -704,6 +722,8 @@ class JobManager:
 
     async def _run_as(self, record: dict[str, Any], files: JobFiles) -> Outcome:
         """Prepare, confine and start the job's process; wait for it."""
+        from jobd import archive  # on first use: keeps an idle daemon's memory down
+
         job_id = record["id"]
         options = record.get("options") or {}
         cgroup: JobCgroup | None = None
@@ -767,6 +787,8 @@ class JobManager:
                                 "message": "the slurm executor is not configured on this jobd "
                                            "(JOBD_SLURM)"}, durable=True)
             return
+        from jobd.slurm import TOKEN  # loaded with self.slurm
+
         # A restarted job's old token must not lead recovery back to its previous Slurm job.
         remove(self.files(record["id"]).root / TOKEN)
         self._move(record, {"status": job.PREPARED, "started": None, "slurm_id": None,
@@ -824,6 +846,9 @@ class JobManager:
     async def _remote_handle(self, record: dict[str, Any], files: JobFiles,
                              recovering: bool) -> SlurmJob | Outcome:
         """The handle of the job's Slurm job, or the Outcome when it never got that far."""
+        from jobd import archive  # on first use: keeps an idle daemon's memory down
+        from jobd.slurm import TOKEN, OptionError, SlurmError, SlurmGaveUp  # with self.slurm
+
         assert self.slurm is not None
         slurm = self.slurm
         job_id = record["id"]
@@ -906,6 +931,8 @@ class JobManager:
                  identity: Identity | None) -> None:
         """A fresh working directory with the input unpacked, an empty log, home and tmp,
         owned by the user the job runs as."""
+        from jobd import archive  # on first use: keeps an idle daemon's memory down
+
         remove(files.work, files.result, files.home, files.tmp)
         archive.extract(files.input, files.work, self.limits)
         if (record.get("options") or {}).get("spec"):  # others see just their upload
@@ -917,6 +944,8 @@ class JobManager:
 
     def _pack(self, files: JobFiles) -> tuple[int, list[dict[str, Any]]]:
         """The result zip's size and the artifacts listing."""
+        from jobd import pack  # on first use: keeps an idle daemon's memory down
+
         if not files.work.exists():
             files.work.mkdir()
         artifacts.prune_if_empty(files.work)

@@ -42,7 +42,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from jobd import __version__, archive, auth, job, multipart, pack
+from jobd import __version__, auth, job
 from jobd.cpu import CpuLoad
 from jobd.manager import JobManager, Locked, NotFound
 
@@ -147,6 +147,8 @@ def _zip_bytes(data: bytes) -> Response:
 
 
 async def submit(request: Request) -> Response:
+    from jobd import archive, multipart  # on first use: keeps an idle daemon's memory down
+
     manager: JobManager = request.app.state.manager
     config = manager.config
     if config.locked:
@@ -217,6 +219,8 @@ async def retrieve_partial(request: Request, manager: JobManager, job_id: str,
         return _zip_bytes(EMPTY_ZIP)
     files = manager.files(job_id)
     if record["status"] in job.ACTIVE:
+        from jobd import pack  # on first use: keeps an idle daemon's memory down
+
         try:
             chunks = await asyncio.to_thread(pack.iter_zip, files.work)  # it starts packing
         except OSError:

@@ -20,7 +20,6 @@ import mimetypes
 import os
 import stat
 import struct
-import tarfile
 import tempfile
 import time
 import zipfile
@@ -29,9 +28,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import BinaryIO, Optional
+from typing import TYPE_CHECKING, BinaryIO, Optional
 
 from jobd.files import fsync_dir
+
+if TYPE_CHECKING:
+    import tarfile
 
 __all__ = [
     "FileInfo",
@@ -57,8 +59,8 @@ _READ_CHUNK = 1 << 20
 _DOS_MIN = (1980, 1, 1, 0, 0, 0)
 _DOS_MAX = (2107, 12, 31, 23, 59, 58)
 _UT_EXTRA_ID = 0x5455  # Info-ZIP "extended timestamp": mtime in UTC, 1 s resolution
-_TAR_RECORD = tarfile.RECORDSIZE
-_TAR_BLOCK = tarfile.BLOCKSIZE
+_TAR_BLOCK = 512  # tarfile.BLOCKSIZE
+_TAR_RECORD = 20 * _TAR_BLOCK  # tarfile.RECORDSIZE
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO swapped in after lstat must not hang the open.
@@ -460,11 +462,16 @@ def _check_positive(chunk_size: int) -> None:
 # tar.gz
 
 
-_TarMember = tuple[tarfile.TarInfo, Optional[Iterator[bytes]]]
+if TYPE_CHECKING:
+    _TarMember = tuple[tarfile.TarInfo, Optional[Iterator[bytes]]]
 
 
 def _tarinfo(name: str, kind: str, perm: int, mtime: float, size: int = 0) -> tarfile.TarInfo:
     """Owner-neutral (uid 0, no names): the client's user owns what it extracts."""
+    # tarfile only when a tar.gz is asked for (a dict lookup after the first): it keeps an
+    # idle daemon's memory down.
+    import tarfile
+
     ti = tarfile.TarInfo(name)
     ti.type = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE}[kind]
     ti.mode = perm & 0o777
@@ -558,6 +565,8 @@ def iter_tar_gz(src: Path, *, chunk_size: int = 1 << 20, level: int = 1) -> Iter
 
 
 def _iter_tar_gz(members: Iterator[_TarMember], chunk_size: int, level: int) -> Iterator[bytes]:
+    import tarfile  # on first use, as in _tarinfo: keeps idle memory down
+
     gz = zlib.compressobj(level, zlib.DEFLATED, 31)  # wbits 31: gzip framing
     out: list[bytes] = []
     pending = 0

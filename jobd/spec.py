@@ -41,12 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from jobd.config import parse_duration, parse_size
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.9 and 3.10: the same parser, as a pure-Python package
-    import tomli as tomllib
+from jobd.config import ConfigError, parse_duration, parse_size
 
 TYPES = ("string", "integer", "number", "boolean", "enum", "file")
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
@@ -61,8 +56,11 @@ _LIMIT_PARSERS = {"memory": parse_size, "fsize": parse_size, "cpu_time": parse_d
 _WORKDIR_POLICIES = ("fresh", "inputs")
 
 
-class SpecError(ValueError):
-    """A spec file that cannot be used: names the file, the line and the reason."""
+class SpecError(ConfigError):
+    """A spec file that cannot be used: names the file, the line and the reason.
+
+    A ConfigError: a broken spec in JOBD_SPECS_DIR keeps the daemon from starting.
+    """
 
     def __init__(self, path: Path, line: int | None, reason: str) -> None:
         where = f"{path}:{line}" if line else str(path)
@@ -212,6 +210,12 @@ def load_specs(directory: Path) -> dict[str, Spec]:
 
 
 def load_spec(path: Path) -> Spec:
+    # The TOML parser only when there are specs to read: keeps an idle daemon's memory down.
+    if sys.version_info >= (3, 11):
+        import tomllib  # novermin: 3.11+, by the check above
+    else:  # Python 3.9 and 3.10: the same parser, as a pure-Python package
+        import tomli as tomllib
+
     text = path.read_text(encoding="utf-8")
     try:
         data = tomllib.loads(text)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from jobd import run
-from jobd.cgroup import CgroupError, CgroupTree, JobCgroup
+from jobd.cgroup import CgroupError, CgroupTree
 from jobd.resources import Limits
 
 

@@ -209,7 +209,7 @@ def test_a_snapshot_edited_by_hand_loads(tmp_path: Path) -> None:
     assert storage.read() == {"jobs": {"a": {"id": "a", "n": [1, 2.5], "s": "éé"}}}
     storage.close()
     path.write_text('{"jobd_journal":1,"tables":{"jobs":{"a":{"x":NaN}}}}\n')
-    with pytest.raises(StoreError, match="damaged at line 1.*NaN"):
+    with pytest.raises(StoreError, match=r"damaged at line 1.*NaN"):
         JournalStorage(path)
 
 

@@ -8,11 +8,14 @@ import ctypes
 import gc
 import ipaddress
 import logging
+import os
+import signal
 import socket
 import ssl
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
@@ -167,6 +170,20 @@ class DaemonServer(uvicorn.Server):
                 await asyncio.wait_for(self._wake.wait(), IDLE_TICK)
             self._wake.clear()
 
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's, then: once the daemon has stopped (jobs ended, database closed), a
+        further SIGTERM or SIGINT while the interpreter winds down (asyncio.run joins worker
+        threads) exits 0 at once, instead of killing the process by the signal (exit 143):
+        `docker stop` twice, or a supervisor that repeats its signal, still sees a clean
+        stop."""
+        with super().capture_signals():
+            yield
+        if self.started and self.should_exit and \
+                threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, _exit_stopped)
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
         self._captured_signals.clear()
@@ -178,6 +195,11 @@ class DaemonServer(uvicorn.Server):
             self._loop.call_soon_threadsafe(manager.begin_stop)
         if self._wake is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
+
+
+def _exit_stopped(sig: int, frame: FrameType | None) -> None:
+    """A signal after the daemon stopped cleanly: nothing is left to do but exit."""
+    os._exit(0)
 
 
 def settle_memory() -> None:

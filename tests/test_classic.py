@@ -325,3 +325,16 @@ def test_zipapp_runs_on_python_3_9(daemon_factory) -> None:
 
 def test_sigterm_exits_zero(daemon: Daemon) -> None:
     assert daemon.stop(signal.SIGTERM) == 0
+
+
+def test_a_second_sigterm_while_stopping_still_exits_zero(daemon: Daemon) -> None:
+    """A supervisor that repeats its SIGTERM (or `docker stop` twice) while jobd winds down,
+    even after its handlers are gone, sees a clean exit."""
+    assert daemon.proc is not None
+    daemon.upload("slow", {"run.sh": "sleep 30\n"})
+    wait_until(lambda: daemon.client.get("/api/v1/jobs/slow").json()["status"] == "RUNNING",
+               10, 0.02, "the job to run")
+    daemon.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: "jobd stopped" in daemon.log() or daemon.proc.poll() is not None,  # type: ignore[union-attr]
+               30, 0.001, "jobd to stop")
+    assert daemon.stop(signal.SIGTERM) == 0

@@ -304,6 +304,7 @@ class JournalStorage(Storage):
         self._next_round: asyncio.Future[dict[str, OSError]] | None = None  # still gathering
         self._pending: list[str] = []  # files for the next round to fsync
         self._rounds = 0  # rounds in flight (their threads hold the journal's fd)
+        self._retired: list[int] = []  # fds of journals replaced while rounds were in flight
         self._generation = 0  # snapshots so far: a round's fd is current while it is unchanged
         self._broken: str | None = None
         self._data: dict[str, dict[str, str]] = {}  # table -> doc id -> the document's JSON
@@ -347,6 +348,7 @@ class JournalStorage(Storage):
     def close(self) -> None:
         """Sync what non-durable appends left in the page cache: a clean stop loses nothing."""
         self._closed = True
+        self._close_retired()
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
@@ -418,6 +420,8 @@ class JournalStorage(Storage):
 
         def finished(work: asyncio.Future[dict[str, OSError]]) -> None:
             self._rounds -= 1
+            if self._rounds == 0:
+                self._close_retired()
             exc = None if work.cancelled() else work.exception()
             if work.cancelled() or (exc is not None and self._closed):
                 failure = StoreError(f"{self.path} was closed during a commit")
@@ -433,8 +437,6 @@ class JournalStorage(Storage):
                     self._synced = max(self._synced, end)
                     self._unsynced = self._synced < self.size
                 done.set_result(work.result())
-                if self._rounds == 0:
-                    self._maybe_compact()  # skipped while rounds were in flight
                 return
             failure.__cause__ = exc
             done.set_exception(failure)
@@ -498,8 +500,6 @@ class JournalStorage(Storage):
         """Snapshot when the journal outgrows the live data; a failure only postpones it."""
         if self.lines <= self._threshold() or self._broken is not None:
             return
-        if self._rounds:  # their threads hold the old fd: compact at a later write
-            return
         try:
             self._snapshot(self._data)
         except (OSError, ValueError, TypeError) as exc:
@@ -540,12 +540,26 @@ class JournalStorage(Storage):
             self._broken = f"could not reopen after a snapshot: {exc}"
             raise
         if old is not None:
-            os.close(old)
+            self._retire(old)
         self._data = data
         self._generation += 1
         self.lines = 0
         self.size = self._synced = len(payload)
         self._unsynced = False
+
+    def _retire(self, fd: int) -> None:
+        """A replaced journal's fd: closed now, or once the rounds that may still fsync it
+        have ended (closed under them, its number could go to another file meanwhile). Their
+        changes are in the snapshot, which is on disk already."""
+        if self._rounds:
+            self._retired.append(fd)
+        else:
+            os.close(fd)
+
+    def _close_retired(self) -> None:
+        retired, self._retired = self._retired, []
+        for fd in retired:
+            os.close(fd)
 
     def _replay(self) -> bool:
         """Load snapshot + changes; False if there is no file yet. Drops a torn last line."""

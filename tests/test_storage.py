@@ -598,6 +598,51 @@ def test_group_commit_shares_one_fsync_off_the_loop(tmp_path: Path,
     assert len(open_db(tmp_path / "jobs.json").table("jobs")) == 20
 
 
+def test_compaction_goes_on_while_rounds_are_in_flight(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under unbroken load some round is always syncing: compaction must not wait for a
+    quiet moment, and the journal it replaces stays open until those rounds end."""
+    path = tmp_path / "jobs.json"
+    db = open_db(path, fsync=True, compact_min_lines=20, compact_ratio=1)
+    storage = db.storage
+    assert isinstance(storage, JournalStorage)
+    t = db.table("jobs")
+    real = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(0.01)
+        real(fd)  # EBADF here would mean the fd was closed under the round
+
+    monkeypatch.setattr(storage_mod.os, "fsync", slow_fsync)
+    snapshots: list[int] = []  # rounds in flight at each compaction
+    snapshot = storage._snapshot
+
+    def counting_snapshot(data: Any) -> None:
+        snapshots.append(storage._rounds)
+        snapshot(data)
+
+    monkeypatch.setattr(storage, "_snapshot", counting_snapshot)
+
+    async def main() -> None:
+        commits = []
+        for n in range(200):  # a write every 2 ms, each round's fsync takes 10
+            with t.durability(False):
+                t.upsert(Document({"w": n % 4, "n": n // 4}, doc_id=str(n % 4)))
+            commits.append(asyncio.ensure_future(storage.commit()))
+            await asyncio.sleep(0.002)
+        await asyncio.gather(*commits)
+
+    asyncio.run(main())
+    assert snapshots and max(snapshots) > 0  # compacted with rounds in flight
+    assert storage._retired == []  # and the replaced journals closed since
+    assert storage.lines <= 40
+    monkeypatch.undo()
+    expected = state(t)
+    db.close()
+    assert state(open_db(path).table("jobs")) == expected == [
+        (str(w), {"w": w, "n": 49}) for w in range(4)]
+
+
 def test_group_commit_failure_is_reported_and_stops_writes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     db = open_db(tmp_path / "jobs.json", fsync=True)

@@ -163,6 +163,38 @@ def check_program(argv: Sequence[str], env: Mapping[str, str], cwd: Path) -> Non
         raise StartError(f"could not start {program}: not found on PATH")
 
 
+def missing_interpreter(script: Path, env: Mapping[str, str]) -> str | None:
+    """The interpreter named by `script`'s #! line when it is not there (an absolute path
+    that does not exist, or `env NAME` with NAME not on the job's PATH); else None."""
+    try:
+        with open(script, "rb") as handle:
+            first = handle.readline(256)
+    except OSError:
+        return None  # the start itself reports it
+    if not first.startswith(b"#!"):
+        return None
+    # As the kernel reads it: spaces and tabs separate, a carriage return does not.
+    words = first[2:].rstrip(b"\n").decode("utf-8", "replace").replace("\t", " ").split(" ")
+    words = [w for w in words if w]
+    if not words:
+        return None
+    if os.path.basename(words[0]) == "env":
+        names = [w for w in words[1:] if not w.startswith("-") and "=" not in w]
+        if names and shutil.which(names[0], path=env.get("PATH", DEFAULT_PATH)) is None:
+            return names[0]
+        return None
+    return None if os.path.exists(words[0]) else words[0]
+
+
+def _interpreter_error(program: str, interpreter: str) -> StartError:
+    if interpreter.endswith("\r"):
+        return StartError(f"could not start {program}: its #! line ends in a carriage return "
+                          f"(Windows line endings), so the interpreter "
+                          f"{interpreter.rstrip()!r} + CR was not found")
+    return StartError(f"could not start {program}: the interpreter of its #! line "
+                      f"({interpreter}) was not found")
+
+
 def job_environment(daemon_env: Mapping[str, str], pass_patterns: Sequence[str],
                     extra: Mapping[str, str]) -> dict[str, str]:
     """A clean environment: the minimal set, the allowlisted daemon variables, then `extra`."""
@@ -388,6 +420,10 @@ class LocalExecutor:
         # Confined before it runs: when there are limits, and when it runs as another user,
         # whose escaped process would outlive the job as a uid later given to another job.
         gated = limits is not None or (cgroup is not None and (cgroup.limited or switching))
+        if gated and argv[0].startswith("./"):  # the gate's exec would only exit 127
+            interpreter = missing_interpreter(cwd / argv[0], env)
+            if interpreter is not None:
+                raise _interpreter_error(argv[0], interpreter)
         command = [GATE_SHELL, "-c", GATE, "jobd-gate", *argv] if gated else list(argv)
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         try:
@@ -400,8 +436,8 @@ class LocalExecutor:
             )
         except FileNotFoundError as exc:
             if argv[0].startswith("./"):
-                raise StartError(f"could not start {argv[0]}: the interpreter of its #! line "
-                                 "was not found") from exc
+                interpreter = missing_interpreter(cwd / argv[0], env) or "?"
+                raise _interpreter_error(argv[0], interpreter) from exc
             raise StartError(f"could not start {argv[0]}: not installed "
                              "(not found on PATH)") from exc
         except (OSError, subprocess.SubprocessError) as exc:

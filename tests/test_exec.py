@@ -782,3 +782,20 @@ def test_start_log_names_the_mechanisms(daemon_factory, open_dir: Path) -> None:
     if IS_ROOT and own is not None and os.access(own, os.W_OK):
         assert f"cgroup v2 {own / tree_name(daemon.datapath)}" in line
     assert "users: jobs run as" in log
+
+
+@pytest.mark.parametrize("env", [{}, {"JOBD_LIMIT_MEMORY": "1G"}], ids=["direct", "gated"])
+def test_a_missing_shebang_interpreter_fails_the_same_way_gated_or_not(
+        daemon_factory: Callable[..., Daemon], tmp_path: Path, env: dict[str, str]) -> None:
+    """With limits the job starts through the gate shell, whose exec would only exit 127:
+    the interpreter is checked first, so both paths name it."""
+    daemon = daemon_factory(workdir=tmp_path / "d", **env)
+    for job_id, script, says in (
+            ("missing", "#!/no/such/python\nprint(1)\n", "(/no/such/python) was not found"),
+            ("crlf", "#!/bin/sh\r\necho hi\r\n", "Windows line endings")):
+        daemon.upload(job_id, {"run.sh": script})
+        daemon.wait_done(job_id)
+        record = daemon.client.get(f"/api/v1/jobs/{job_id}").json()
+        assert record["status"] == "FAILED"
+        assert record["message"].startswith("could not start the job: could not start "
+                                            "./run.sh: ") and says in record["message"], record

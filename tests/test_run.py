@@ -102,6 +102,23 @@ def test_missing_interpreter_is_named(tmp_path: Path) -> None:
     assert command_for(tmp_path, "a.py", path=os.path.dirname(python))[0] == "python3"
 
 
+def test_a_missing_shebang_interpreter_is_found_before_the_start(tmp_path: Path) -> None:
+    env = {"PATH": os.defpath}
+    cases = {
+        "#!/no/such/python\n": "/no/such/python",
+        "#!/usr/bin/env no-such-tool -x\n": "no-such-tool",
+        "#!/bin/sh\r\necho\r\n": "/bin/sh\r",
+        "#!/bin/sh\n": None,
+        "#! /usr/bin/env -S sh -e\n": None,
+        "echo no shebang\n": None,
+    }
+    for text, missing in cases.items():
+        write(tmp_path / "run.sh", text)
+        assert run.missing_interpreter(tmp_path / "run.sh", env) == missing, text
+    assert run.missing_interpreter(tmp_path / "absent.sh", env) is None
+    assert "Windows line endings" in str(run._interpreter_error("./run.sh", "/bin/sh\r"))
+
+
 def test_kill_marked_finds_processes_that_left_the_group(tmp_path: Path) -> None:
     marker = f"JOBD_WORKDIR={tmp_path}/work"
     env = {**os.environ, "JOBD_WORKDIR": f"{tmp_path}/work"}

@@ -40,6 +40,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -166,15 +167,22 @@ def check_program(argv: Sequence[str], env: Mapping[str, str], cwd: Path) -> Non
 def missing_interpreter(script: Path, env: Mapping[str, str]) -> str | None:
     """The interpreter named by `script`'s #! line when it is not there (an absolute path
     that does not exist, or `env NAME` with NAME not on the job's PATH); else None."""
-    try:
-        with open(script, "rb") as handle:
-            first = handle.readline(256)
+    try:  # never blocks or follows: the job's own file, maybe a link to a FIFO
+        fd = os.open(script, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return None  # the start itself reports it
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        first = os.read(fd, 256).split(b"\n", 1)[0]
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     if not first.startswith(b"#!"):
         return None
     # As the kernel reads it: spaces and tabs separate, a carriage return does not.
-    words = first[2:].rstrip(b"\n").decode("utf-8", "replace").replace("\t", " ").split(" ")
+    words = first[2:].decode("utf-8", "replace").replace("\t", " ").split(" ")
     words = [w for w in words if w]
     if not words:
         return None

@@ -116,6 +116,10 @@ def test_a_missing_shebang_interpreter_is_found_before_the_start(tmp_path: Path)
         write(tmp_path / "run.sh", text)
         assert run.missing_interpreter(tmp_path / "run.sh", env) == missing, text
     assert run.missing_interpreter(tmp_path / "absent.sh", env) is None
+    os.mkfifo(tmp_path / "fifo")  # a link to a FIFO must not block the daemon
+    (tmp_path / "link.sh").symlink_to(tmp_path / "fifo")
+    assert run.missing_interpreter(tmp_path / "link.sh", env) is None
+    assert run.missing_interpreter(tmp_path / "fifo", env) is None
     assert "Windows line endings" in str(run._interpreter_error("./run.sh", "/bin/sh\r"))
 
 

@@ -138,6 +138,7 @@ def create_app(config: Config, *, store: JobStore | None = None,
             await manager.stop()
             await reaper.stop()
             own_store.close()
+            app.state.stopped = True  # all of it: see server.DaemonServer.capture_signals
             log.info("jobd stopped")
 
     routes = [

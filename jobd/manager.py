@@ -160,10 +160,12 @@ class JobManager:
         self._base_env: dict[str, str] | None = None  # see _environment
         self._mean_run = 5.0  # seconds, moving average: the Retry-After estimate
         self._sweep_task: asyncio.Task[None] | None = None
+        self._sweeping = asyncio.Lock()  # one retention sweep at a time
         self._last_demand_sweep = -math.inf
         self._processes: dict[str, LocalProcess] = {}
         self._cancel_requested: set[str] = set()
         self._reserved: set[str] = set()
+        self._restarting: set[str] = set()  # finished jobs whose old files are being removed
         self._finished: dict[str, asyncio.Event] = {}
         self.log_followers = 0  # live log streams open now (logs.follow counts them)
         self._stopping = False
@@ -541,9 +543,15 @@ class JobManager:
             raise Conflict(f"job is {record['status']}: only a finished job can be restarted")
         if job.is_invalid(record):
             raise Conflict("job was refused at submission: it has no input to restart from")
+        if job_id in self._restarting:
+            raise Conflict("job is being restarted already")
         files = self.files(job_id)
-        await asyncio.to_thread(remove, files.work, files.result, files.log)
-        record = self._move(record, job.restart_fields(), durable=True)
+        self._restarting.add(job_id)  # still finished meanwhile: not to be deleted
+        try:
+            await asyncio.to_thread(remove, files.work, files.result, files.log)
+            record = self._move(record, job.restart_fields(), durable=True)
+        finally:
+            self._restarting.discard(job_id)
         self.scheduler.submit(record)
         return record
 
@@ -553,6 +561,8 @@ class JobManager:
         if record["status"] in job.ACTIVE or (not job.is_terminal(record["status"])
                                               and self.scheduler.is_running(job_id)):
             raise Conflict(f"job is {record['status']}: cancel it before deleting it")
+        if job_id in self._restarting:
+            raise Conflict("job is being restarted: delete it once it has run")
         self.scheduler.discard(job_id)
         await self._delete(job_id)
 
@@ -978,22 +988,33 @@ class JobManager:
 
     async def sweep(self, now: float | None = None) -> int:
         """Delete finished jobs older than the retention; returns how many."""
-        now = time.time() if now is None else now
+        async with self._sweeping:
+            return await self._sweep(time.time() if now is None else now)
+
+    async def _sweep(self, now: float) -> int:
         cutoff = now - self.config.retention
+
+        def expired(record: dict[str, Any] | None) -> bool:
+            return (record is not None and job.is_terminal(record["status"])
+                    and (record.get("finished") or record.get("updated") or now) < cutoff)
+
         old = []
         for status in job.TERMINAL:
-            for n, r in enumerate(self._records(status), 1):
-                if (r.get("finished") or r.get("updated") or now) < cutoff:
-                    old.append(r["id"])
+            for n, record in enumerate(self._records(status), 1):
+                if expired(record):
+                    old.append(record["id"])
                 if n % _SWEEP_BATCH == 0:  # 100,000 records take half a second: let
                     await asyncio.sleep(0)  # requests and jobs through meanwhile
-        for job_id in old:
-            if not self.scheduler.is_running(job_id):
+        deleted = 0
+        for job_id in old:  # each looked at again: it may have been restarted or deleted
+            if expired(self.store.get(job_id)) and not self.scheduler.is_running(job_id) \
+                    and job_id not in self._restarting:
                 await self._delete(job_id)
-        if old:
-            log.info("retention: deleted %d job(s) finished before %s", len(old),
+                deleted += 1
+        if deleted:
+            log.info("retention: deleted %d job(s) finished before %s", deleted,
                      time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(cutoff)))
-        return len(old)
+        return deleted
 
     def _records(self, status: str) -> Iterator[dict[str, Any]]:
         """The records with `status`, decoded one at a time (all of them at once would take
@@ -1016,7 +1037,7 @@ class JobManager:
     async def _sweep_now(self) -> None:
         try:
             await self.sweep()
-        except OSError:
+        except Exception:  # the next sweep tries again; the daemon goes on
             log.exception("on-demand retention sweep failed")
         self.disk.forget()
 
@@ -1024,7 +1045,7 @@ class JobManager:
         while True:
             try:
                 await self.sweep()
-            except OSError:
+            except Exception:  # a sweeper that died would stop retention until a restart
                 log.exception("retention sweep failed; retrying next interval")
             await asyncio.sleep(self.config.retention_interval)
 

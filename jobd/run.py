@@ -165,8 +165,14 @@ def check_program(argv: Sequence[str], env: Mapping[str, str], cwd: Path) -> Non
 
 
 def missing_interpreter(script: Path, env: Mapping[str, str]) -> str | None:
-    """The interpreter named by `script`'s #! line when it is not there (an absolute path
-    that does not exist, or `env NAME` with NAME not on the job's PATH); else None."""
+    """The interpreter `script`'s #! line names, when it is surely not there; else None.
+
+    Read as the kernel reads it: the first word after `#!`, ended by a space, a tab, a NUL
+    or the newline (a carriage return is part of it), relative paths from the script's
+    directory (the job's working directory). `env NAME` is followed to NAME on the job's
+    PATH, unless `env` gets options or assignments. When in doubt (unreadable, a name only
+    the job's user may see), None: the start then says what happened.
+    """
     try:  # never blocks or follows: the job's own file, maybe a link to a FIFO
         fd = os.open(script, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
@@ -181,20 +187,61 @@ def missing_interpreter(script: Path, env: Mapping[str, str]) -> str | None:
         os.close(fd)
     if not first.startswith(b"#!"):
         return None
-    # As the kernel reads it: spaces and tabs separate, a carriage return does not.
-    words = first[2:].decode("utf-8", "replace").replace("\t", " ").split(" ")
-    words = [w for w in words if w]
+    words = [w for w in first[2:].split(b"\0", 1)[0].replace(b"\t", b" ").split(b" ") if w]
     if not words:
         return None
-    if os.path.basename(words[0]) == "env":
-        names = [w for w in words[1:] if not w.startswith("-") and "=" not in w]
-        if names and shutil.which(names[0], path=env.get("PATH", DEFAULT_PATH)) is None:
-            return names[0]
+    here = script.parent
+    interpreter = os.fsdecode(words[0])
+    if _surely_missing(here / interpreter):
+        return interpreter
+    if os.path.basename(interpreter) != "env" or len(words) < 2:
         return None
-    return None if os.path.exists(words[0]) else words[0]
+    name = os.fsdecode(words[1])
+    if name.startswith("-") or "=" in name:
+        return None  # env options or assignments: env decides
+    if "/" in name:
+        return name if _surely_missing(here / name) else None
+    path = os.pathsep.join(str(here / entry) for entry in
+                           env.get("PATH", DEFAULT_PATH).split(os.pathsep))
+    return name if shutil.which(name, path=path) is None and _none_readable(path) else None
+
+
+def _kind(path: Path) -> str:
+    """"ELF" for a binary (its loader is what is missing), else "?" (unknown)."""
+    try:  # it exists (exec found it, then not its interpreter); never blocks nor follows
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return "?"
+    try:
+        return "ELF" if os.read(fd, 4) == b"\x7fELF" else "?"
+    except OSError:
+        return "?"
+    finally:
+        os.close(fd)
+
+
+def _surely_missing(path: Path) -> bool:
+    """Does `path` not exist (not: cannot be looked at)?"""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _none_readable(path: str) -> bool:
+    """Can every directory of the search path `path` be listed (so a name not found there
+    is surely not there)?"""
+    return all(os.access(entry, os.R_OK | os.X_OK) or _surely_missing(Path(entry))
+               for entry in path.split(os.pathsep) if entry)
 
 
 def _interpreter_error(program: str, interpreter: str) -> StartError:
+    if interpreter == "ELF":
+        return StartError(f"could not start {program}: its ELF interpreter (the dynamic "
+                          "loader it was linked for) was not found: built for another system?")
     if interpreter.endswith("\r"):
         return StartError(f"could not start {program}: its #! line ends in a carriage return "
                           f"(Windows line endings), so the interpreter "
@@ -444,7 +491,7 @@ class LocalExecutor:
             )
         except FileNotFoundError as exc:
             if argv[0].startswith("./"):
-                interpreter = missing_interpreter(cwd / argv[0], env) or "?"
+                interpreter = missing_interpreter(cwd / argv[0], env) or _kind(cwd / argv[0])
                 raise _interpreter_error(argv[0], interpreter) from exc
             raise StartError(f"could not start {argv[0]}: not installed "
                              "(not found on PATH)") from exc

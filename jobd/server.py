@@ -20,6 +20,7 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+from uvicorn.server import HANDLED_SIGNALS
 
 from jobd import __version__
 from jobd.app import create_app, load_configured_specs
@@ -172,17 +173,24 @@ class DaemonServer(uvicorn.Server):
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
-        """uvicorn's, then: once the daemon has stopped (jobs ended, database closed), a
-        further SIGTERM or SIGINT while the interpreter winds down (asyncio.run joins worker
+        """uvicorn's (SIGTERM and SIGINT go to `handle_exit` while it serves), except at the
+        end: once the daemon has stopped cleanly (jobs ended, database closed), a further
+        SIGTERM or SIGINT while the interpreter winds down (asyncio.run joins worker
         threads) exits 0 at once, instead of killing the process by the signal (exit 143):
-        `docker stop` twice, or a supervisor that repeats its signal, still sees a clean
-        stop."""
-        with super().capture_signals():
+        `docker stop` twice, or a supervisor that repeats its signal, sees a clean stop. The
+        handler is swapped in one step, so no moment is left without one."""
+        if threading.current_thread() is not threading.main_thread():
             yield
-        if self.started and self.should_exit and \
-                threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, _exit_stopped)
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in HANDLED_SIGNALS}
+        stopped = False
+        try:
+            yield
+            stopped = (self.started and self.should_exit and not self.force_exit
+                       and getattr(self._app_state, "stopped", False))
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, _exit_stopped if stopped else handler)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)

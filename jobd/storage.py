@@ -303,8 +303,8 @@ class JournalStorage(Storage):
         self._synced = 0  # bytes of the file known to be on disk
         self._next_round: asyncio.Future[dict[str, OSError]] | None = None  # still gathering
         self._pending: list[str] = []  # files for the next round to fsync
-        self._rounds = 0  # rounds in flight (their threads hold the journal's fd)
-        self._retired: list[int] = []  # fds of journals replaced while rounds were in flight
+        self._users: dict[int, int] = {}  # journal fd -> rounds in flight that fsync it
+        self._retired: set[int] = set()  # fds of replaced journals that rounds still use
         self._generation = 0  # snapshots so far: a round's fd is current while it is unchanged
         self._broken: str | None = None
         self._data: dict[str, dict[str, str]] = {}  # table -> doc id -> the document's JSON
@@ -348,7 +348,8 @@ class JournalStorage(Storage):
     def close(self) -> None:
         """Sync what non-durable appends left in the page cache: a clean stop loses nothing."""
         self._closed = True
-        self._close_retired()
+        for old in list(self._retired):  # rounds still using them fail as closed
+            self._close_journal(old)
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
@@ -414,14 +415,18 @@ class JournalStorage(Storage):
         files, self._pending = self._pending, []
         end, fd = self.size, self._fd
         journal = fd if fd is not None and end > self._synced else None
-        self._rounds += 1
+        if journal is not None:
+            self._users[journal] = self._users.get(journal, 0) + 1
         generation = self._generation
         work = asyncio.get_running_loop().run_in_executor(_ROUND_POOL, _sync_all, files, journal)
 
         def finished(work: asyncio.Future[dict[str, OSError]]) -> None:
-            self._rounds -= 1
-            if self._rounds == 0:
-                self._close_retired()
+            if journal is not None:
+                self._users[journal] -= 1
+                if not self._users[journal]:
+                    del self._users[journal]
+                    if journal in self._retired:
+                        self._close_journal(journal)
             exc = None if work.cancelled() else work.exception()
             if work.cancelled() or (exc is not None and self._closed):
                 failure = StoreError(f"{self.path} was closed during a commit")
@@ -548,18 +553,20 @@ class JournalStorage(Storage):
         self._unsynced = False
 
     def _retire(self, fd: int) -> None:
-        """A replaced journal's fd: closed now, or once the rounds that may still fsync it
-        have ended (closed under them, its number could go to another file meanwhile). Their
-        changes are in the snapshot, which is on disk already."""
-        if self._rounds:
-            self._retired.append(fd)
+        """A replaced journal's fd: closed now, or once the rounds that fsync it have ended
+        (closed under them, its number could go to another file meanwhile). Their changes
+        are in the snapshot, which is on disk already."""
+        if self._users.get(fd):
+            self._retired.add(fd)
         else:
-            os.close(fd)
+            self._close_journal(fd)
 
-    def _close_retired(self) -> None:
-        retired, self._retired = self._retired, []
-        for fd in retired:
+    def _close_journal(self, fd: int) -> None:
+        self._retired.discard(fd)
+        try:
             os.close(fd)
+        except OSError as exc:  # its data is in the snapshot: nothing is lost
+            log.warning("%s: closing a replaced journal failed: %s", self.path, exc)
 
     def _replay(self) -> bool:
         """Load snapshot + changes; False if there is no file yet. Drops a torn last line."""

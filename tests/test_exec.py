@@ -14,13 +14,14 @@ import signal
 import subprocess
 import time
 import zipfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
 from jobd import job, storage
+from jobd import manager as manager_mod
 from jobd.cgroup import CgroupTree, JobCgroup, block_device, family_in, own_cgroup, tree_name
 from jobd.config import Config
 from jobd.manager import JobManager, Rejected
@@ -799,3 +800,54 @@ def test_a_missing_shebang_interpreter_fails_the_same_way_gated_or_not(
         assert record["status"] == "FAILED"
         assert record["message"].startswith("could not start the job: could not start "
                                             "./run.sh: ") and says in record["message"], record
+
+
+@pytest.mark.parametrize("meddling", ["delete", "restart"])
+def test_a_sweep_leaves_jobs_restarted_or_deleted_while_it_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, meddling: str) -> None:
+    """The retention sweep lets the loop run while it lists and deletes: a job a client
+    deletes or restarts meanwhile is neither deleted twice nor deleted under its new run."""
+    config = Config(datapath=tmp_path / "data", db_path=tmp_path / "db", fsync=False,
+                    allow_root=True, cgroup="off", slots=1, retention=3600.0,
+                    retention_interval=1e6)
+    monkeypatch.setattr(manager_mod, "_SWEEP_BATCH", 1)
+
+    async def scenario() -> tuple[int, dict[str, Any] | None, float]:
+        async with running_manager(config) as manager:
+            for job_id in ("a", "b", "c"):
+                upload = manager.data.new_incoming()
+                upload.write_bytes(make_zip({"run.sh": "true\n"}))
+                await manager.create(job_id, upload, protocol="classic")
+                await manager.wait_finished(job_id)
+            listed = asyncio.Event()
+            records = manager._records
+            seen: set[str] = set()
+
+            def watched(status: str) -> Iterator[dict[str, Any]]:
+                yield from records(status)
+                seen.add(status)
+                if seen == set(job.TERMINAL):
+                    listed.set()  # the sweep now deletes what it listed, awaiting each
+
+            monkeypatch.setattr(manager, "_records", watched)
+
+            async def meddle() -> None:
+                await listed.wait()
+                if meddling == "delete":
+                    await manager.delete("b")
+                else:
+                    await manager.restart("c")
+
+            meddler = asyncio.ensure_future(meddle())
+            first_end = manager.store.get("c")["finished"]  # type: ignore[index]
+            await asyncio.sleep(0.01)
+            # a, b and c expired; a run of c that ends from now on is younger than that
+            deleted = await manager.sweep(now=time.time() + config.retention)
+            await meddler
+            await manager.wait_finished("c")
+            return deleted, manager.store.get("c"), first_end
+
+    deleted, c, first_end = asyncio.run(scenario())
+    assert deleted == 2
+    if meddling == "restart":  # it ran again, and is kept
+        assert c is not None and c["status"] == "SUCCESS" and c["finished"] > first_end

@@ -104,12 +104,19 @@ def test_missing_interpreter_is_named(tmp_path: Path) -> None:
 
 def test_a_missing_shebang_interpreter_is_found_before_the_start(tmp_path: Path) -> None:
     env = {"PATH": os.defpath}
+    write(tmp_path / "mysh", "")  # an interpreter beside the script, named relatively
     cases = {
         "#!/no/such/python\n": "/no/such/python",
         "#!/usr/bin/env no-such-tool -x\n": "no-such-tool",
         "#!/bin/sh\r\necho\r\n": "/bin/sh\r",
         "#!/bin/sh\n": None,
+        "#!/bin/sh\0junk\n": None,  # the kernel ends the name at a NUL
+        "#!mysh\n": None,  # relative: from the script's directory, not jobd's
+        "#!./nope\n": "./nope",
         "#! /usr/bin/env -S sh -e\n": None,
+        "#!/usr/bin/env -S -u FOO no-such-tool\n": None,  # env's options: env decides
+        "#!/usr/bin/env PATH=/opt/bin no-such-tool\n": None,
+        "#!/usr/bin/env ./mysh\n": None,
         "echo no shebang\n": None,
     }
     for text, missing in cases.items():
@@ -121,6 +128,7 @@ def test_a_missing_shebang_interpreter_is_found_before_the_start(tmp_path: Path)
     assert run.missing_interpreter(tmp_path / "link.sh", env) is None
     assert run.missing_interpreter(tmp_path / "fifo", env) is None
     assert "Windows line endings" in str(run._interpreter_error("./run.sh", "/bin/sh\r"))
+    assert "ELF interpreter" in str(run._interpreter_error("./run.sh", "ELF"))
 
 
 def test_kill_marked_finds_processes_that_left_the_group(tmp_path: Path) -> None:

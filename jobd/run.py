@@ -164,14 +164,14 @@ def check_program(argv: Sequence[str], env: Mapping[str, str], cwd: Path) -> Non
         raise StartError(f"could not start {program}: not found on PATH")
 
 
-def missing_interpreter(script: Path, env: Mapping[str, str]) -> str | None:
+def missing_interpreter(script: Path, env: Mapping[str, str], cwd: Path) -> str | None:
     """The interpreter `script`'s #! line names, when it is surely not there; else None.
 
     Read as the kernel reads it: the first word after `#!`, ended by a space, a tab, a NUL
-    or the newline (a carriage return is part of it), relative paths from the script's
-    directory (the job's working directory). `env NAME` is followed to NAME on the job's
-    PATH, unless `env` gets options or assignments. When in doubt (unreadable, a name only
-    the job's user may see), None: the start then says what happened.
+    or the newline (a carriage return is part of it), a relative path from the working
+    directory `cwd` the job starts in. `env NAME` is followed to NAME on the job's PATH,
+    unless `env` gets options or assignments. When in doubt (unreadable, a name only the
+    job's user may see), None: the start then says what happened.
     """
     try:  # never blocks or follows: the job's own file, maybe a link to a FIFO
         fd = os.open(script, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -190,7 +190,7 @@ def missing_interpreter(script: Path, env: Mapping[str, str]) -> str | None:
     words = [w for w in first[2:].split(b"\0", 1)[0].replace(b"\t", b" ").split(b" ") if w]
     if not words:
         return None
-    here = script.parent
+    here = cwd
     interpreter = os.fsdecode(words[0])
     if _surely_missing(here / interpreter):
         return interpreter
@@ -476,7 +476,7 @@ class LocalExecutor:
         # whose escaped process would outlive the job as a uid later given to another job.
         gated = limits is not None or (cgroup is not None and (cgroup.limited or switching))
         if gated and argv[0].startswith("./"):  # the gate's exec would only exit 127
-            interpreter = missing_interpreter(cwd / argv[0], env)
+            interpreter = missing_interpreter(cwd / argv[0], env, cwd)
             if interpreter is not None:
                 raise _interpreter_error(argv[0], interpreter)
         command = [GATE_SHELL, "-c", GATE, "jobd-gate", *argv] if gated else list(argv)
@@ -491,7 +491,8 @@ class LocalExecutor:
             )
         except FileNotFoundError as exc:
             if argv[0].startswith("./"):
-                interpreter = missing_interpreter(cwd / argv[0], env) or _kind(cwd / argv[0])
+                interpreter = (missing_interpreter(cwd / argv[0], env, cwd)
+                               or _kind(cwd / argv[0]))
                 raise _interpreter_error(argv[0], interpreter) from exc
             raise StartError(f"could not start {argv[0]}: not installed "
                              "(not found on PATH)") from exc

@@ -121,12 +121,15 @@ def test_a_missing_shebang_interpreter_is_found_before_the_start(tmp_path: Path)
     }
     for text, missing in cases.items():
         write(tmp_path / "run.sh", text)
-        assert run.missing_interpreter(tmp_path / "run.sh", env) == missing, text
-    assert run.missing_interpreter(tmp_path / "absent.sh", env) is None
+        assert run.missing_interpreter(tmp_path / "run.sh", env, tmp_path) == missing, text
+    assert run.missing_interpreter(tmp_path / "absent.sh", env, tmp_path) is None
+    (tmp_path / "sub").mkdir()  # a relative interpreter is found from the working directory
+    write(tmp_path / "sub" / "run.sh", "#!mysh\n")
+    assert run.missing_interpreter(tmp_path / "sub" / "run.sh", env, tmp_path) is None
     os.mkfifo(tmp_path / "fifo")  # a link to a FIFO must not block the daemon
     (tmp_path / "link.sh").symlink_to(tmp_path / "fifo")
-    assert run.missing_interpreter(tmp_path / "link.sh", env) is None
-    assert run.missing_interpreter(tmp_path / "fifo", env) is None
+    assert run.missing_interpreter(tmp_path / "link.sh", env, tmp_path) is None
+    assert run.missing_interpreter(tmp_path / "fifo", env, tmp_path) is None
     assert "Windows line endings" in str(run._interpreter_error("./run.sh", "/bin/sh\r"))
     assert "ELF interpreter" in str(run._interpreter_error("./run.sh", "ELF"))
 

@@ -192,17 +192,21 @@ class JobCgroup:
             if frozen:
                 _write(freeze, "0")
 
-    def refused_forks(self) -> int:
-        """Forks the pids controller refused at pids.max (pids.events `max`; 0 without it)."""
+    def _event(self, file: str, key: str) -> int:
+        """The counter `key` of the events file `file` (0 without its controller)."""
         try:
-            events = _read(self.path / "pids.events")
+            events = _read(self.path / file)
         except FileNotFoundError:
             return 0
         for line in events.splitlines():
             name, _, value = line.partition(" ")
-            if name == "max":
+            if name == key:
                 return int(value)
         return 0
+
+    def refused_forks(self) -> int:
+        """Forks the pids controller refused at pids.max (pids.events `max`; 0 without it)."""
+        return self._event("pids.events", "max")
 
     def oom_kills(self) -> int:
         """OOM kills the kernel counted in this cgroup (0 without the memory controller).
@@ -211,15 +215,7 @@ class JobCgroup:
         kills its victim, then every process of the group, and counts the victim once or twice
         and a process already exiting not at all (seen on Linux 6.1).
         """
-        try:
-            events = _read(self.path / "memory.events")
-        except FileNotFoundError:
-            return 0
-        for line in events.splitlines():
-            name, _, value = line.partition(" ")
-            if name == "oom_kill":
-                return int(value)
-        return 0
+        return self._event("memory.events", "oom_kill")
 
     def end(self, wait: float = 1.0) -> tuple[int, int, bool]:
         """After the job's first process exited (blocking, in a worker thread): kill what is

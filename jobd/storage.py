@@ -156,6 +156,16 @@ def _check_tables(tables: Any) -> str | None:
     return None
 
 
+def _as_text(tables: Mapping[str, Mapping[str, dict]]) -> dict[str, dict[str, str]]:
+    """``{name: {doc id: document}}`` with each document as its text (TypeError or
+    ValueError for one that cannot be stored)."""
+    problem = _check_tables(tables)
+    if problem:
+        raise TypeError(f"cannot store {problem}")
+    return {name: {str(doc_id): dumps(doc) for doc_id, doc in table.items()}
+            for name, table in tables.items()}
+
+
 def _check_change(obj: Any) -> str | None:
     """Why ``obj`` is not a change line, or None if it is."""
     if not isinstance(obj, dict):
@@ -199,9 +209,7 @@ class _Cursor:
         self.pos += 1
 
     def value(self) -> Any:
-        self.peek()
-        value, self.pos = _DECODER.raw_decode(self.text, self.pos)
-        return value
+        return self.value_and_text()[0]
 
     def value_and_text(self) -> tuple[Any, str]:
         """The value here and the text it was parsed from."""
@@ -332,14 +340,8 @@ class JournalStorage(Storage):
 
     def write(self, data: Mapping[str, Mapping[str, dict]]) -> None:
         """Replace the whole state with a snapshot: TinyDB's generic, O(n) write."""
-        if isinstance(data, _StateView):  # read(), maybe with tables dropped: still text
-            self._snapshot(data.tables())
-            return
-        problem = _check_tables(data)
-        if problem:
-            raise TypeError(f"cannot store {problem}")
-        self._snapshot({name: {doc_id: dumps(doc) for doc_id, doc in table.items()}
-                        for name, table in data.items()})
+        # read(), maybe with tables dropped or put whole, is mostly text already
+        self._snapshot(data.tables() if isinstance(data, _StateView) else _as_text(data))
 
     def documents(self, table: str) -> dict[str, str]:
         """The live ``{doc id: JSON text}`` of ``table``, O(1); read-only by contract."""
@@ -793,13 +795,8 @@ class _StateView(MutableMapping):
         for name, table in self._changed.items():
             if table is None:
                 continue
-            if isinstance(table, _TableView):
-                out[name] = table.raw
-                continue
-            problem = _check_tables({name: table})
-            if problem:
-                raise TypeError(f"cannot store {problem}")
-            out[name] = {str(doc_id): dumps(doc) for doc_id, doc in table.items()}
+            out[name] = table.raw if isinstance(table, _TableView) else \
+                _as_text({name: table})[name]
         return out
 
 

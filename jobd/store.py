@@ -49,8 +49,11 @@ class JobExists(KeyError):
 QUEUED = "QUEUED"  # the status whose oldest record `oldest_queued` tracks
 
 
-def _waiting_since(doc: dict) -> float | None:
-    """When a queued record began to wait: its ``queued`` time, else ``created``."""
+def _queued_since(doc: dict) -> float | None:
+    """When a QUEUED record began to wait: its ``queued`` time, else ``created``; None for
+    other records."""
+    if doc.get("status") != QUEUED:
+        return None
     when = doc.get("queued") or doc.get("created")
     if isinstance(when, (int, float)) and not isinstance(when, bool):
         return float(when)
@@ -146,7 +149,7 @@ class JobStore:
         facts: dict[str, tuple[str, int, float | None]] = {}  # id -> status, bytes, waiting
         for job_id, text in self._docs().items():
             doc = json.loads(text)
-            facts[job_id] = (doc.get("status"), _stored_size(doc), _waiting_since(doc))
+            facts[job_id] = (doc.get("status"), _stored_size(doc), _queued_since(doc))
             if doc.get("id") != job_id or not isinstance(doc.get("status"), str):
                 raise StoreError(
                     f"refusing to start: database file {self.path / DB_FILE} holds a record"
@@ -180,14 +183,14 @@ class JobStore:
             status, size, since = facts[job_id]
             self._by_status.setdefault(status, []).append(seq)
             self._bytes += size
-            if status == QUEUED and since is not None:
+            if since is not None:
                 self._waiting[seq] = since
 
     def _index(self, status: str, seq: int) -> None:
         bisect.insort(self._by_status.setdefault(status, []), seq)
 
     def _note_waiting(self, seq: int, doc: dict) -> None:
-        since = _waiting_since(doc) if doc["status"] == QUEUED else None
+        since = _queued_since(doc)
         if since is None:
             self._waiting.pop(seq, None)
         else:

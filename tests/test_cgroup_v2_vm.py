@@ -321,8 +321,10 @@ def test_memory_hogs_are_killed_at_the_job_limit_and_the_message_says_so(vm: Rep
     # memory.oom.group: the kernel kills the job's shell and its three hogs together.
     assert record["message"] == ("could not finish the job: out of memory: the kernel killed the "
                                  "job at its memory limit 64M (signal: SIGKILL (9))"), explain(job)
+    # The job pressed against memory.max: seen in memory.events, or, when jobd removed the
+    # cgroup within the observer's 0.1 s after the kill, in the last memory.current it read.
     events = dict(line.split() for line in job["seen"]["memory.events"].splitlines())
-    assert int(events["max"]) > 0, explain(job)  # the job pressed against memory.max
+    assert int(events["max"]) > 0 or job["peaks"]["memory.current"] > 56 * MiB, explain(job)
     assert f"memory.max {64 * MiB}" in job["log"]  # what the job itself saw
     assert "memory.oom.group 1" in job["log"]
     assert "all hogs done" not in job["log"]

@@ -125,6 +125,7 @@ def create_app(config: Config, *, store: JobStore | None = None,
         own_store = store if store is not None else JobStore(config.db_path, fsync=config.fsync)
         reaper = Reaper(adopt_orphans=adopt_orphans)
         reaper.start()
+        own_store.use_syncer(reaper.watch)
         manager = JobManager(config, own_store, reaper)
         manager.specs = specs if specs is not None else load_configured_specs(config)
         manager.job_end_listeners.append(app.state.metrics.observe_job)

@@ -27,10 +27,10 @@ lacks creates it). With jq::
 
 Group commit: a write with ``durable=False`` only appends (one ``write``); ``await
 storage.commit()`` then returns once everything appended before it is on disk. The commits of
-one event-loop iteration share one round, run in a worker thread so the loop goes on; rounds
-overlap, since concurrent fsyncs share the filesystem's journal commit. Jobs stored together
-cost one journal fsync and one hand-over to a thread (in CPython each hand-over costs the GIL's
-futex ping-pong, which on a busy daemon cost more than the work handed over).
+one event-loop iteration share one round, run off the loop so it goes on: in a worker thread,
+or in the daemon in a helper process (``use_syncer``, jobd/syncer.py: in CPython each hand-over
+to a thread costs the GIL's futex ping-pong, which on a busy daemon cost more than the fsyncs).
+Rounds overlap. Jobs stored together cost one journal fsync and one hand-over.
 ``commit(files)`` fsyncs those files in the same round, side by side with the journal (a job's
 input, for instance): a caller that needs a file on disk before a record names it commits the
 file first, then writes the record.
@@ -63,10 +63,13 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
-from typing import Any, Callable, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from tinydb import Storage, TinyDB
 from tinydb.table import Table
+
+if TYPE_CHECKING:
+    from jobd.syncer import Syncer
 
 __all__ = ["FORMAT_VERSION", "JournalDB", "JournalStorage", "JournalTable", "StoreError", "dumps"]
 
@@ -315,6 +318,7 @@ class JournalStorage(Storage):
         self._retired: set[int] = set()  # fds of replaced journals that rounds still use
         self._generation = 0  # snapshots so far: a round's fd is current while it is unchanged
         self._broken: str | None = None
+        self._syncer: Syncer | None = None  # rounds in a helper process (use_syncer)
         self._data: dict[str, dict[str, str]] = {}  # table -> doc id -> the document's JSON
         self.lines = 0  # change lines after the snapshot
         self.size = 0  # bytes in the file
@@ -347,8 +351,24 @@ class JournalStorage(Storage):
         """The live ``{doc id: JSON text}`` of ``table``, O(1); read-only by contract."""
         return self._data.get(table, {})
 
+    def use_syncer(self, watch: Callable[[int], asyncio.Future[int]] | None = None,
+                   idle_seconds: float = 30.0) -> None:
+        """Run the commit rounds in a helper process from now on, threads only as its
+        fallback (see jobd/syncer.py: on a busy daemon a thread costs the event loop more
+        than the fsyncs it does). `watch` collects the helper's exit (the daemon's reaper)."""
+        from jobd.syncer import Syncer
+
+        if self._syncer is None:
+            self._syncer = Syncer(_sync_all, _ROUND_POOL, watch=watch, idle_seconds=idle_seconds)
+
+    @property
+    def syncer(self) -> Syncer | None:
+        return self._syncer
+
     def close(self) -> None:
         """Sync what non-durable appends left in the page cache: a clean stop loses nothing."""
+        if self._syncer is not None:  # first: it hands rounds it still has to threads
+            self._syncer.close()
         self._closed = True
         for old in list(self._retired):  # rounds still using them fail as closed
             self._close_journal(old)
@@ -420,7 +440,11 @@ class JournalStorage(Storage):
         if journal is not None:
             self._users[journal] = self._users.get(journal, 0) + 1
         generation = self._generation
-        work = asyncio.get_running_loop().run_in_executor(_ROUND_POOL, _sync_all, files, journal)
+        if self._syncer is not None:
+            work = self._syncer.sync(files, journal)
+        else:
+            work = asyncio.get_running_loop().run_in_executor(_ROUND_POOL, _sync_all, files,
+                                                              journal)
 
         def finished(work: asyncio.Future[dict[str, OSError]]) -> None:
             if journal is not None:

@@ -14,6 +14,7 @@ Every record handed out is a deep copy: callers may mutate it freely.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import fcntl
 import heapq
@@ -113,6 +114,10 @@ class JobStore:
         except BaseException:
             self.close()
             raise
+
+    def use_syncer(self, watch: Callable[[int], asyncio.Future[int]] | None = None) -> None:
+        """Commit rounds in a helper process (JournalStorage.use_syncer)."""
+        self._storage.use_syncer(watch)
 
     def close(self) -> None:
         """Close the database, then release the lock (so no other daemon writes meanwhile)."""

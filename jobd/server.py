@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
-import uvicorn
+import uvicorn.config
+import uvicorn.server
 from uvicorn.server import HANDLED_SIGNALS
 
 from jobd import __version__
@@ -126,7 +127,7 @@ def setup_logging(level: str) -> LineHandler:
     return handler
 
 
-class DaemonServer(uvicorn.Server):
+class DaemonServer(uvicorn.server.Server):
     """uvicorn, with SIGTERM and SIGINT meaning "stop cleanly and exit 0".
 
     Plain uvicorn re-raises the signal after its shutdown, so the process dies by SIGTERM
@@ -134,7 +135,7 @@ class DaemonServer(uvicorn.Server):
     are told to stop at once, while HTTP connections drain.
     """
 
-    def __init__(self, config: uvicorn.Config, app_state: object,
+    def __init__(self, config: uvicorn.config.Config, app_state: object,
                  log_handler: LineHandler | None = None) -> None:
         super().__init__(config)
         self._app_state = app_state
@@ -228,7 +229,7 @@ def settle_memory() -> None:
     trim(0)
 
 
-class UvicornConfig(uvicorn.Config):
+class UvicornConfig(uvicorn.config.Config):
     """uvicorn's configuration, with jobd's floor on the TLS version."""
 
     def load(self) -> None:

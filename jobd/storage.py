@@ -319,6 +319,7 @@ class JournalStorage(Storage):
         self._generation = 0  # snapshots so far: a round's fd is current while it is unchanged
         self._broken: str | None = None
         self._syncer: Syncer | None = None  # rounds in a helper process (use_syncer)
+        self._syncer_options: dict[str, Any] | None = None
         self._data: dict[str, dict[str, str]] = {}  # table -> doc id -> the document's JSON
         self.lines = 0  # change lines after the snapshot
         self.size = 0  # bytes in the file
@@ -356,13 +357,15 @@ class JournalStorage(Storage):
         """Run the commit rounds in a helper process from now on, threads only as its
         fallback (see jobd/syncer.py: on a busy daemon a thread costs the event loop more
         than the fsyncs it does). `watch` collects the helper's exit (the daemon's reaper)."""
-        from jobd.syncer import Syncer
-
-        if self._syncer is None:
-            self._syncer = Syncer(_sync_all, _ROUND_POOL, watch=watch, idle_seconds=idle_seconds)
+        self._syncer_options = {"watch": watch, "idle_seconds": idle_seconds}
 
     @property
     def syncer(self) -> Syncer | None:
+        """The helper's driver, made with the first round (an idle daemon imports none of it)."""
+        if self._syncer is None and self._syncer_options is not None:
+            from jobd.syncer import Syncer
+
+            self._syncer = Syncer(_sync_all, _ROUND_POOL, **self._syncer_options)
         return self._syncer
 
     def close(self) -> None:
@@ -440,8 +443,9 @@ class JournalStorage(Storage):
         if journal is not None:
             self._users[journal] = self._users.get(journal, 0) + 1
         generation = self._generation
-        if self._syncer is not None:
-            work = self._syncer.sync(files, journal)
+        syncer = self.syncer
+        if syncer is not None:
+            work = syncer.sync(files, journal)
         else:
             work = asyncio.get_running_loop().run_in_executor(_ROUND_POOL, _sync_all, files,
                                                               journal)

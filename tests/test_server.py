@@ -149,3 +149,25 @@ def test_keep_alive_counts_from_the_last_fast_answer(tmp_path: Path) -> None:
     assert lines == [b"HTTP/1.1 404 Not Found"] * 4
     assert rest == b"" and 0.9 <= idle < 3.0
     assert app.state.metrics.fast == {"/api/get/{id}": 4}
+
+
+def test_the_daemon_imports_uvicorn_without_its_command_line() -> None:
+    """`jobd` with no arguments skips uvicorn's package `__init__` (its CLI, multiprocessing,
+    the reloaders): the server and its lifespan still work with what is left."""
+    import subprocess
+    import sys
+
+    program = (
+        "import sys\n"
+        "from jobd.__main__ import uvicorn_without_its_command_line as skip\n"
+        "skip()\n"
+        "import jobd.server, uvicorn.lifespan.on, uvicorn.lifespan.off\n"
+        "import uvicorn\n"
+        "assert uvicorn.Config is jobd.server.UvicornConfig.__mro__[1]\n"
+        "print(sorted(m for m in ('uvicorn.main', 'multiprocessing', 'uvicorn.supervisors')"
+        " if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

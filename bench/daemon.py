@@ -171,6 +171,36 @@ def children_cpu_seconds(pid: int) -> float:
     return (int(fields[13]) + int(fields[14])) / _TICK
 
 
+def helpers(pid: int) -> list[int]:
+    """The live children of `pid` that are jobd's fsync helper (jobd/syncer.py: the same
+    interpreter run with `-I -S -c`), not jobs."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            try:
+                argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv[1:4] == [b"-I", b"-S", b"-c"]:
+                found.append(int(child))
+    return found
+
+
+def helper_cpu_seconds(pid: int) -> float:
+    """User + system CPU of `pid`'s live fsync helpers."""
+    total = 0.0
+    for helper in helpers(pid):
+        try:
+            total += cpu_seconds(helper)
+        except OSError:
+            continue  # it stopped meanwhile (its CPU is then among the children's)
+    return total
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds all cores spent on anything but idling (or waiting for I/O) so far."""
     with open("/proc/stat") as handle:

@@ -25,7 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from bench.daemon import Jobd, children_cpu_seconds, cpu_seconds, free_port, machine_busy_seconds
+from bench.daemon import (
+    Jobd,
+    children_cpu_seconds,
+    cpu_seconds,
+    free_port,
+    helper_cpu_seconds,
+    helpers,
+    machine_busy_seconds,
+    proc_status_kib,
+)
 from bench.figures import median, ms, ratio
 from bench.report import Section
 from bench.wire import Conn
@@ -43,6 +52,7 @@ class Rate:
     machine_cpu: float = 0.0  # seconds of CPU all cores were busy during the run
     server_cpu: float = 0.0  # the server process's own CPU (`server` of _drive)
     jobs_cpu: float = 0.0  # its children's, once waited for (the jobs' processes)
+    helper_cpu: float = 0.0  # its fsync helper process's (jobd/syncer.py), part of server_cpu
 
     @property
     def per_second(self) -> float:
@@ -82,7 +92,7 @@ def _drive(clients: int, seconds: float, one_job: Job, server: int | None = None
         thread.start()
     cpu0 = time.process_time()
     machine0 = machine_busy_seconds()
-    server0 = (cpu_seconds(server), children_cpu_seconds(server)) if server else (0.0, 0.0)
+    server0 = _server_cpu(server)
     start = time.perf_counter()
     deadline[0] = start + seconds  # before the clients are let go: they read it at once
     begin.wait()
@@ -91,11 +101,19 @@ def _drive(clients: int, seconds: float, one_job: Job, server: int | None = None
     elapsed = time.perf_counter() - start
     cpu = time.process_time() - cpu0
     machine = machine_busy_seconds() - machine0
-    server1 = (cpu_seconds(server), children_cpu_seconds(server)) if server else (0.0, 0.0)
+    server1 = _server_cpu(server)
     if errors:
         raise RuntimeError(f"a client failed: {errors[0]!r}") from errors[0]
     return Rate(sum(counts), elapsed, cpu, sum(requests), machine,
-                server1[0] - server0[0], server1[1] - server0[1])
+                server1[0] - server0[0], server1[1] - server0[1], server1[2] - server0[2])
+
+
+def _server_cpu(server: int | None) -> tuple[float, float, float]:
+    """(the server's CPU with its fsync helper's, its jobs', the helper's alone) so far."""
+    if not server:
+        return 0.0, 0.0, 0.0
+    helper = helper_cpu_seconds(server)
+    return cpu_seconds(server) + helper, children_cpu_seconds(server), helper
 
 
 class JobdJob:
@@ -228,6 +246,7 @@ def run(workdir: Path, *, clients: int = 8, seconds: float = 10.0, repeats: int 
                     if rate is not None:
                         wrk_rates.append(rate)
         rss = daemon.status_kib("VmHWM")
+        helper_rss = [proc_status_kib(pid, "VmHWM") for pid in helpers(daemon.pid)]
     jobd_rate = median([r.per_second for r in jobd_rates])
     hook_rate = median([r.per_second for r in hook_rates]) if hook_rates else 0.0
     section.add("jobs/s (upload, run, result fetched with ?wait=)", f"{jobd_rate:.0f}",
@@ -253,7 +272,9 @@ def run(workdir: Path, *, clients: int = 8, seconds: float = 10.0, repeats: int 
         section.add("client CPU while driving webhook", "",
                     f"{median([r.client_cpu / r.seconds for r in hook_rates]) * 100:.0f}% "
                     "of a core")
-    section.add("jobd peak RSS during the runs", f"{rss / 1024:.1f} MiB")
+    section.add("jobd peak RSS during the runs", f"{rss / 1024:.1f} MiB",
+                f"its fsync helper process: {max(helper_rss) / 1024:.1f} MiB" if helper_rss
+                else "no fsync helper process")
     _cpu_rows(section, jobd_rates, hook_rates)
     section.notes.append(
         f"each client uploads, then asks once with ?wait=30 (or polls every {ms(poll)}, "
@@ -269,8 +290,10 @@ def _cpu_rows(section: Section, jobd: list[Rate], hook: list[Rate]) -> None:
 
     cores = os.cpu_count() or 1
     hook_server = f"webhook: {ms(per_job(hook, 'server_cpu'))}" if hook else ""
-    section.add("CPU per job: the server process (one core at most: one GIL)",
+    section.add("CPU per job: the server process and its fsync helper",
                 ms(per_job(jobd, "server_cpu")), hook_server)
+    section.add("CPU per job: of which the fsync helper process (jobd/syncer.py)",
+                ms(per_job(jobd, "helper_cpu")))
     hook_jobs = f"webhook's: {ms(per_job(hook, 'jobs_cpu'))}" if hook else ""
     section.add("CPU per job: its job processes (fork, exec, run.sh)",
                 ms(per_job(jobd, "jobs_cpu")), hook_jobs)

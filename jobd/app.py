@@ -137,6 +137,7 @@ def create_app(config: Config, *, store: JobStore | None = None,
             yield {}
         finally:
             await manager.stop()
+            await own_store.stop_syncer()  # while the reaper still collects its exit
             await reaper.stop()
             own_store.close()
             app.state.stopped = True  # all of it: see server.DaemonServer.capture_signals

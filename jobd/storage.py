@@ -30,7 +30,8 @@ storage.commit()`` then returns once everything appended before it is on disk. T
 one event-loop iteration share one round, run off the loop so it goes on: in a worker thread,
 or in the daemon in a helper process (``use_syncer``, jobd/syncer.py: in CPython each hand-over
 to a thread costs the GIL's futex ping-pong, which on a busy daemon cost more than the fsyncs).
-Rounds overlap. Jobs stored together cost one journal fsync and one hand-over.
+Thread rounds overlap; the helper takes its rounds one after another. Jobs stored together
+cost one journal fsync and one hand-over.
 ``commit(files)`` fsyncs those files in the same round, side by side with the journal (a job's
 input, for instance): a caller that needs a file on disk before a record names it commits the
 file first, then writes the record.
@@ -61,6 +62,7 @@ import json
 import logging
 import os
 import re
+import stat
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
@@ -127,8 +129,8 @@ def _fsync_path(path: str) -> OSError | None:
         return exc
     try:
         os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.EROFS):  # a directory that cannot be synced
+    except OSError as exc:  # a directory that cannot be synced is no error; anything else is
+        if exc.errno not in (errno.EINVAL, errno.EROFS) or not stat.S_ISDIR(os.fstat(fd).st_mode):
             return exc
     finally:
         os.close(fd)
@@ -144,6 +146,18 @@ def _sync_all(files: list[str], journal: int | None) -> dict[str, OSError]:
     if journal is not None:
         os.fsync(journal)
     return {path: exc for path, exc in zip(unique, synced) if exc is not None}
+
+
+class Uncertain(OSError):
+    """A commit round that ended without knowing whether its fsyncs failed (the fsync helper,
+    jobd/syncer.py, died during it), and that cannot be learnt again: the kernel reports a
+    writeback error to one fsync only. Its files count as failed (`errors`: EIO each); for
+    the journal the store writes and syncs its whole state anew (a snapshot)."""
+
+    def __init__(self, files: list[str]) -> None:
+        super().__init__(errno.EIO, "the fsync helper ended during the round")
+        self.errors: dict[str, OSError] = {
+            name: OSError(errno.EIO, f"{self.strerror}: {name}") for name in files}
 
 
 def _check_tables(tables: Any) -> str | None:
@@ -352,6 +366,11 @@ class JournalStorage(Storage):
         """The live ``{doc id: JSON text}`` of ``table``, O(1); read-only by contract."""
         return self._data.get(table, {})
 
+    async def stop_syncer(self) -> None:
+        """Let the fsync helper answer its rounds, then stop it and wait for its exit."""
+        if self._syncer is not None:
+            await self._syncer.stop()
+
     def use_syncer(self, watch: Callable[[int], asyncio.Future[int]] | None = None,
                    idle_seconds: float = 30.0) -> None:
         """Run the commit rounds in a helper process from now on, threads only as its
@@ -370,9 +389,15 @@ class JournalStorage(Storage):
 
     def close(self) -> None:
         """Sync what non-durable appends left in the page cache: a clean stop loses nothing."""
-        if self._syncer is not None:  # first: it hands rounds it still has to threads
-            self._syncer.close()
-        self._closed = True
+        try:
+            if self._syncer is not None:  # normally stopped already (stop_syncer)
+                self._syncer.close()
+        finally:
+            self._closed = True
+            self._close_files()
+
+    def _close_files(self) -> None:
+        """Close the journal, fsynced first if appends are not yet on disk."""
         for old in list(self._retired):  # rounds still using them fail as closed
             self._close_journal(old)
         if self._fd is None:
@@ -458,6 +483,11 @@ class JournalStorage(Storage):
                     if journal in self._retired:
                         self._close_journal(journal)
             exc = None if work.cancelled() else work.exception()
+            if isinstance(exc, Uncertain) and not self._closed:
+                exc = self._after_uncertain(generation)
+                if exc is None:  # the state is on disk; the round's files are not known to be
+                    done.set_result(Uncertain(files).errors)
+                    return
             if work.cancelled() or (exc is not None and self._closed):
                 failure = StoreError(f"{self.path} was closed during a commit")
             elif exc is not None or self._broken is not None:
@@ -477,6 +507,22 @@ class JournalStorage(Storage):
             done.set_exception(failure)
 
         work.add_done_callback(finished)
+
+    def _after_uncertain(self, generation: int) -> OSError | None:
+        """A round the fsync helper ended in: its journal fsync may have failed unseen, so
+        the whole state is written and synced anew (a snapshot), unless one was since. The
+        snapshot's error, if any (the store is then broken: the caller says so)."""
+        if self._broken is not None:
+            return OSError(errno.EIO, self._broken)
+        if generation != self._generation:  # a snapshot since has it all, on disk
+            return None
+        try:
+            self._snapshot(self._data)
+        except (OSError, ValueError, TypeError) as exc:
+            return exc if isinstance(exc, OSError) else OSError(errno.EIO, str(exc))
+        log.warning("%s: the fsync helper ended during a commit; the state was rewritten and "
+                    "synced instead", self.path)
+        return None
 
     def compact(self) -> None:
         """Rewrite the snapshot now (normally automatic)."""

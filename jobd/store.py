@@ -119,6 +119,10 @@ class JobStore:
         """Commit rounds in a helper process (JournalStorage.use_syncer)."""
         self._storage.use_syncer(watch)
 
+    async def stop_syncer(self) -> None:
+        """Stop the fsync helper, waiting for its exit (JournalStorage.stop_syncer)."""
+        await self._storage.stop_syncer()
+
     def close(self) -> None:
         """Close the database, then release the lock (so no other daemon writes meanwhile)."""
         try:

@@ -11,9 +11,11 @@ socket is readable, with no thread in jobd at all.
 The helper is the few lines of `HELPER`, run by jobd's own interpreter with `-I -S` (nothing
 from the environment or site packages). It starts with the first round and stops after
 `idle_seconds` without one, so an idle daemon has no second process. The helper is an
-optimisation, never a condition of durability: when it cannot start, dies, or a round does not
-fit one message, rounds run in a worker thread as before, and a round it had not answered when
-it went away is synced again there.
+optimisation, never a condition of durability: when it cannot start, or a round does not fit
+one message, rounds run in a worker thread as before. When it dies, the rounds it had not begun
+run in threads; the one it was on is `Uncertain` (its fsyncs may have failed, and the kernel
+reports that once): its files count as failed, and the store snapshots its whole state instead
+of trusting the journal's fsync. After three deaths, rounds use threads for good.
 """
 
 from __future__ import annotations
@@ -29,21 +31,29 @@ import subprocess
 import sys
 from typing import Callable, Optional
 
+from jobd.storage import Uncertain
+
 log = logging.getLogger("jobd.syncer")
 
-# A round's message: "=", then each name to sync after a NUL, with at most one descriptor
-# (the journal). The answer: "=", then for each name and then the descriptor a NUL and its
-# errno, or nothing for success. A name that is gone is no error (nothing of it is left to
-# keep); EINVAL and EROFS are what a directory that cannot be synced gives, as in
-# storage._fsync_path.
+# A round's message: "=", then each name to sync after a NUL (absolute: the helper runs in /),
+# with at most one descriptor (the journal). The answer: "=", then for each name and then the
+# descriptor a NUL and its errno, or nothing for success. A name that is gone is no error
+# (nothing of it is left to keep); nor are EINVAL and EROFS for a directory, which is what one
+# that cannot be synced gives (as in storage._fsync_path). The journal's every error counts.
+# The helper ignores the signals a terminal or a service manager sends the whole group: it
+# ends when jobd closes its socket, or dies.
 HELPER = r"""
-import os, socket, sys
+import os, signal, socket, stat, sys
+for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(number, signal.SIG_IGN)
 s = socket.socket(fileno=int(sys.argv[1]))
-def sync(fd):
+def sync(fd, directory_may_refuse):
     try:
         os.fsync(fd)
     except OSError as e:
-        return b"" if e.errno in (22, 30) else b"%d" % e.errno
+        if directory_may_refuse and e.errno in (22, 30) and stat.S_ISDIR(os.fstat(fd).st_mode):
+            return b""
+        return b"%d" % e.errno
     finally:
         os.close(fd)
     return b""
@@ -54,10 +64,10 @@ while True:
     answer = []
     for name in data.split(b"\0")[1:]:
         try:
-            answer.append(sync(os.open(name, os.O_RDONLY | os.O_CLOEXEC)))
+            answer.append(sync(os.open(name, os.O_RDONLY | os.O_CLOEXEC), True))
         except OSError as e:
             answer.append(b"" if e.errno == 2 else b"%d" % e.errno)
-    answer += [sync(fd) for fd in fds]
+    answer += [sync(fd, False) for fd in fds]
     s.send(b"=" + b"".join(b"\0" + a for a in answer))
 """
 
@@ -102,6 +112,8 @@ class Syncer:
     the syncer waits for the helper itself when it closes.
     """
 
+    DEATHS_TOLERATED = 3  # helpers that ended on their own: then threads for good
+
     def __init__(self, fallback: Fallback, executor: concurrent.futures.Executor, *,
                  watch: Callable[[int], asyncio.Future[int]] | None = None,
                  idle_seconds: float = 30.0) -> None:
@@ -111,11 +123,17 @@ class Syncer:
         self._idle = idle_seconds
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen | None = None
+        self._exit: asyncio.Future[int] | None = None  # the helper's, from `watch`
         self._waiting: collections.deque[_Round] = collections.deque()
         self._last_round = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
         self._unavailable = not sys.executable  # and after a failed start: threads only
-        self.started = 0  # helpers started (tests and metrics read it)
+        self.started = 0  # helpers started (tests read it)
+        self.deaths = 0  # helpers that ended without being asked to
+
+    @property
+    def running(self) -> bool:
+        return self._sock is not None
 
     @property
     def pid(self) -> int | None:
@@ -123,9 +141,9 @@ class Syncer:
 
     def sync(self, files: list[str], journal: int | None) -> asyncio.Future[Errors]:
         """fsync `files` and the `journal` descriptor; the future gives the files' errors and
-        raises the journal's."""
+        raises the journal's (`Uncertain` when the helper ended during the round)."""
         loop = asyncio.get_running_loop()
-        message = b"=" + b"".join(b"\0" + os.fsencode(name) for name in files)
+        message = b"=" + b"".join(b"\0" + os.fsencode(os.path.abspath(name)) for name in files)
         if len(message) <= MAX_MESSAGE and self._running(loop):
             assert self._sock is not None
             try:
@@ -162,7 +180,8 @@ class Syncer:
         self._sock = ours
         loop.add_reader(ours.fileno(), self._answered)
         if self._watch is not None:
-            self._watch(self._proc.pid).add_done_callback(self._exited(self._proc))
+            self._exit = self._watch(self._proc.pid)
+            self._exit.add_done_callback(self._exited(self._proc))
         self._last_round = loop.time()
         self._idle_timer = loop.call_later(self._idle, self._stop_when_idle)
         log.debug("fsync helper started, pid %d", self._proc.pid)
@@ -179,7 +198,7 @@ class Syncer:
         """The helper answered a round (in order), or closed its end."""
         assert self._sock is not None
         try:
-            answer = self._sock.recv(1 << 16)
+            answer = self._sock.recv(_MAX_ANSWER)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -188,21 +207,45 @@ class Syncer:
         if not answer or not self._waiting:
             if answer:
                 log.error("fsync helper answered a round it was not sent")
-            else:
-                log.warning("fsync helper process ended; its rounds are synced in threads")
-            self.close()
+            self._lost()
             return
-        round_ = self._waiting.popleft()
-        if round_.future.done():
-            return
+        round_ = self._waiting[0]
         try:
-            round_.future.set_result(parse_answer(answer, round_.files, round_.journal))
-        except OSError as exc:  # the journal's: the store decides what it means
-            round_.future.set_exception(exc)
+            errors = parse_answer(answer, round_.files, round_.journal)
         except ValueError as exc:
             log.error("%s", exc)
-            self._waiting.appendleft(round_)
-            self.close()
+            self._lost()
+            return
+        except OSError as exc:  # the journal's: the store decides what it means
+            self._waiting.popleft()
+            if not round_.future.done():
+                round_.future.set_exception(exc)
+            return
+        self._waiting.popleft()
+        if not round_.future.done():
+            round_.future.set_result(errors)
+
+    def _lost(self) -> None:
+        """The helper ended without being asked to. The round it was on is `Uncertain`; the
+        rounds after it it never began, so they run in threads (nothing waits forever)."""
+        self.deaths += 1
+        if self.deaths >= self.DEATHS_TOLERATED:
+            self._unavailable = True
+            log.error("fsync helper ended %d times: commits use threads from now on",
+                      self.deaths)
+        else:
+            log.warning("fsync helper process ended; rounds it had not begun go to threads")
+        self._disconnect()
+        if self._waiting:
+            head = self._waiting.popleft()
+            if not head.future.done():
+                head.future.set_exception(Uncertain(head.files))
+        while self._waiting:
+            round_ = self._waiting.popleft()
+            if not round_.future.done():
+                work = round_.future.get_loop().run_in_executor(
+                    self._executor, self._fallback, round_.files, round_.journal)
+                work.add_done_callback(_copy_to(round_.future))
 
     def _stop_when_idle(self) -> None:
         loop = asyncio.get_running_loop()
@@ -214,9 +257,30 @@ class Syncer:
         log.debug("fsync helper stopped after %.0fs without a round", quiet)
         self.close()
 
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Let the helper answer the rounds it has, stop it, and wait for its exit (the
+        daemon, before its reaper stops)."""
+        pending = [r.future for r in self._waiting]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+        exit_ = self._exit
+        self.close()
+        if exit_ is not None and not exit_.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(exit_), timeout)
+            except asyncio.TimeoutError:
+                log.error("fsync helper did not exit within %.0fs of its socket's end", timeout)
+
     def close(self) -> None:
-        """Stop the helper (it exits at the end of its socket); a round it has not answered
-        is synced again in a thread, so none is lost or left waiting."""
+        """Stop the helper (it exits at the end of its socket). A round it has not answered
+        fails as `Uncertain` (`stop` waits for them first)."""
+        self._disconnect()
+        while self._waiting:
+            round_ = self._waiting.popleft()
+            if not round_.future.done():
+                round_.future.set_exception(Uncertain(round_.files))
+
+    def _disconnect(self) -> None:
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
@@ -225,19 +289,17 @@ class Syncer:
             with contextlib.suppress(RuntimeError):  # no loop: nothing waits on it
                 asyncio.get_running_loop().remove_reader(sock.fileno())
             sock.close()
-        while self._waiting:
-            round_ = self._waiting.popleft()
-            if not round_.future.done():
-                work = round_.future.get_loop().run_in_executor(
-                    self._executor, self._fallback, round_.files, round_.journal)
-                work.add_done_callback(_copy_to(round_.future))
         proc, self._proc = self._proc, None
+        self._exit = None
         if proc is not None and self._watch is None:
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 log.error("fsync helper %d did not stop; killed", proc.pid)
-                proc.kill()
+                proc.kill()  # Popen reaps it later if it is stuck in the kernel now
+
+
+_MAX_ANSWER = 1 << 18  # a round's answer: at most about 5 bytes per name of its message
 
 
 def _copy_to(target: asyncio.Future[Errors]) -> Callable[[asyncio.Future[Errors]], None]:

@@ -770,11 +770,11 @@ def _inside(dest: Path) -> None:
     top = os.path.realpath(dest)
     for found in dest.rglob("*"):
         try:
-            real = os.path.realpath(found, strict=True)
+            os.stat(found)  # follows the links as the kernel does (realpath's strict: 3.10)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 continue  # the kernel follows a loop nowhere (realpath would invent a path)
-            real = os.path.realpath(found)  # dangling: where it would point
+        real = os.path.realpath(found)  # dangling: where it would point
         assert real == top or real.startswith(top + os.sep), found  # `x -> .` is fine
 
 

@@ -7,8 +7,10 @@ import errno
 import os
 import signal
 import sys
+import time
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 
@@ -39,20 +41,36 @@ def test_an_answer_that_does_not_fit_the_round_is_refused(answer: bytes) -> None
         parse_answer(answer, ["a", "b"], None)
 
 
-def _helpers() -> list[int]:
-    """Our children that run the helper program."""
+def helpers_of(pid: int) -> list[int]:
+    """The children of `pid` that run the helper program."""
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid() and b"recv_fds" in cmdline:
-            found.append(int(entry))
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                if b"recv_fds" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    found.append(int(child))
+            except OSError:
+                continue  # it ended meanwhile
     return found
+
+
+def with_syncer(check: Callable[[Syncer], Awaitable[None]], **options: Any) -> None:
+    """Run `check` with a new Syncer in a new event loop; its helper is stopped after."""
+    async def main() -> None:
+        syncer = Syncer(_sync_all, THREADS, **options)
+        try:
+            await check(syncer)
+        finally:
+            syncer.close()
+
+    asyncio.run(main())
+
+
+async def until(predicate: Callable[[], Any], seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
 
 
 def test_rounds_run_in_the_helper_and_report_each_files_error(tmp_path: Path) -> None:
@@ -61,51 +79,41 @@ def test_rounds_run_in_the_helper_and_report_each_files_error(tmp_path: Path) ->
     journal = os.open(tmp_path / "journal", os.O_WRONLY | os.O_CREAT, 0o600)
     not_a_dir = str(data / "below")  # ENOTDIR: a real error, reported for this name only
 
-    async def main() -> None:
-        syncer = Syncer(_sync_all, THREADS)
-        try:
-            errors = await syncer.sync([str(data), str(tmp_path), str(tmp_path / "gone"),
-                                        not_a_dir], journal)
-            assert list(errors) == [not_a_dir] and errors[not_a_dir].errno == errno.ENOTDIR
-            assert syncer.started == 1 and syncer.pid in _helpers()
-            assert await syncer.sync([], None) == {}  # an empty round still gets its answer
-            many = await asyncio.gather(*(syncer.sync([str(data)], journal) for _ in range(50)))
-            assert many == [{}] * 50 and syncer.started == 1  # in order, one helper
-        finally:
-            syncer.close()
-        assert _helpers() == []  # it exits at the end of its socket and is waited for
+    async def check(syncer: Syncer) -> None:
+        errors = await syncer.sync([str(data), str(tmp_path), str(tmp_path / "gone"),
+                                    not_a_dir], journal)
+        assert list(errors) == [not_a_dir] and errors[not_a_dir].errno == errno.ENOTDIR
+        assert syncer.started == 1 and syncer.pid in helpers_of(os.getpid())
+        assert await syncer.sync([], None) == {}  # an empty round still gets its answer
+        many = await asyncio.gather(*(syncer.sync([str(data)], journal) for _ in range(50)))
+        assert many == [{}] * 50 and syncer.started == 1  # in order, one helper
 
     try:
-        asyncio.run(main())
+        with_syncer(check)
     finally:
         os.close(journal)
+    assert helpers_of(os.getpid()) == []  # it exits at the end of its socket and is waited for
 
 
 def test_a_round_too_large_for_one_message_runs_in_a_thread(tmp_path: Path) -> None:
     names = [str(tmp_path / ("n" * 200 + str(k))) for k in range(MAX_MESSAGE // 200 + 1)]
 
-    async def main() -> None:
-        syncer = Syncer(_sync_all, THREADS)
-        try:
-            assert await syncer.sync(names, None) == {}  # all gone: no error
-            assert syncer.started == 0
-        finally:
-            syncer.close()
+    async def check(syncer: Syncer) -> None:
+        assert await syncer.sync(names, None) == {}  # all gone: no error
+        assert syncer.started == 0
 
-    asyncio.run(main())
+    with_syncer(check)
 
 
 def test_without_an_interpreter_to_run_it_rounds_use_threads(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "executable", "")
 
-    async def main() -> None:
-        syncer = Syncer(_sync_all, THREADS)
+    async def check(syncer: Syncer) -> None:
         assert await syncer.sync([str(tmp_path)], None) == {}
         assert syncer.started == 0 and syncer.pid is None
-        syncer.close()
 
-    asyncio.run(main())
+    with_syncer(check)
 
 
 def test_a_helper_that_dies_fails_its_round_as_uncertain_and_the_rest_run_in_threads(
@@ -113,69 +121,52 @@ def test_a_helper_that_dies_fails_its_round_as_uncertain_and_the_rest_run_in_thr
     data = tmp_path / "data"
     data.write_bytes(b"x")
 
-    async def main() -> None:
-        syncer = Syncer(_sync_all, THREADS)
-        try:
-            assert await syncer.sync([str(data)], None) == {}
-            first = syncer.pid
-            assert first is not None
-            os.kill(first, signal.SIGSTOP)  # it holds the next rounds unanswered...
-            pending = [syncer.sync([str(data)], None) for _ in range(5)]
-            await asyncio.sleep(0.05)
-            assert not any(p.done() for p in pending)
-            os.kill(first, signal.SIGKILL)  # ...and dies
-            done = await asyncio.wait_for(
-                asyncio.gather(*pending, return_exceptions=True), 10)
-            # The round it was on may have had a failed fsync it alone saw: not trusted.
-            assert isinstance(done[0], Uncertain) and list(done[0].errors) == [str(data)]
-            assert done[1:] == [{}] * 4  # never begun: synced in threads
-            assert syncer.pid is None and syncer.deaths == 1
-            assert await syncer.sync([str(data)], None) == {}
-            assert syncer.started == 2 and syncer.pid not in (None, first)
-        finally:
-            syncer.close()
+    async def check(syncer: Syncer) -> None:
+        assert await syncer.sync([str(data)], None) == {}
+        first = syncer.pid
+        assert first is not None
+        os.kill(first, signal.SIGSTOP)  # it holds the next rounds unanswered...
+        pending = [syncer.sync([str(data)], None) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        assert not any(p.done() for p in pending)
+        os.kill(first, signal.SIGKILL)  # ...and dies
+        done = await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 10)
+        # The round it was on may have had a failed fsync it alone saw: not trusted.
+        assert isinstance(done[0], Uncertain) and list(done[0].errors) == [str(data)]
+        assert done[1:] == [{}] * 4  # never begun: synced in threads
+        assert syncer.pid is None and syncer.deaths == 1
+        assert await syncer.sync([str(data)], None) == {}
+        assert syncer.started == 2 and syncer.pid not in (None, first)
 
-    asyncio.run(main())
+    with_syncer(check)
 
 
 def test_after_three_deaths_rounds_use_threads_for_good(tmp_path: Path) -> None:
-    async def main() -> None:
-        syncer = Syncer(_sync_all, THREADS)
-        try:
-            for _ in range(Syncer.DEATHS_TOLERATED):
-                assert await syncer.sync([str(tmp_path)], None) == {}
-                pid = syncer.pid
-                assert pid is not None
-                os.kill(pid, signal.SIGKILL)
-                for _ in range(500):
-                    if not syncer.running:
-                        break
-                    await asyncio.sleep(0.01)
-            assert not syncer.running and syncer.deaths == Syncer.DEATHS_TOLERATED
+    async def check(syncer: Syncer) -> None:
+        for _ in range(Syncer.DEATHS_TOLERATED):
             assert await syncer.sync([str(tmp_path)], None) == {}
-            assert syncer.started == Syncer.DEATHS_TOLERATED and not syncer.running
-        finally:
-            syncer.close()
+            assert syncer.pid is not None
+            os.kill(syncer.pid, signal.SIGKILL)
+            await until(lambda: not syncer.running)
+        assert syncer.deaths == Syncer.DEATHS_TOLERATED
+        assert await syncer.sync([str(tmp_path)], None) == {}
+        assert syncer.started == Syncer.DEATHS_TOLERATED and not syncer.running
 
-    asyncio.run(main())
+    with_syncer(check)
 
 
 def test_the_helper_ignores_the_signals_sent_to_the_whole_group(tmp_path: Path) -> None:
-    async def main() -> None:
-        syncer = Syncer(_sync_all, THREADS)
-        try:
-            assert await syncer.sync([str(tmp_path)], None) == {}
-            pid = syncer.pid
-            assert pid is not None
-            for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                os.kill(pid, number)  # Ctrl-C, a service manager's stop: jobd decides
-            await asyncio.sleep(0.1)
-            assert await syncer.sync([str(tmp_path)], None) == {}
-            assert syncer.pid == pid and syncer.deaths == 0
-        finally:
-            syncer.close()
+    async def check(syncer: Syncer) -> None:
+        assert await syncer.sync([str(tmp_path)], None) == {}
+        pid = syncer.pid
+        assert pid is not None
+        for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            os.kill(pid, number)  # Ctrl-C, a service manager's stop: jobd decides
+        await asyncio.sleep(0.1)
+        assert await syncer.sync([str(tmp_path)], None) == {}
+        assert syncer.pid == pid and syncer.deaths == 0
 
-    asyncio.run(main())
+    with_syncer(check)
 
 
 def test_relative_names_are_those_of_jobds_directory(
@@ -184,27 +175,22 @@ def test_relative_names_are_those_of_jobds_directory(
     monkeypatch.chdir(tmp_path)
     Path("plain").write_text("x")
 
-    async def main() -> None:
-        syncer = Syncer(_sync_all, THREADS)
-        try:
-            errors = await syncer.sync(["plain/below", "plain"], None)
-            assert list(errors) == ["plain/below"]  # found from here: ENOTDIR, not "gone"
-            assert errors["plain/below"].errno == errno.ENOTDIR
-            assert syncer.started == 1
-        finally:
-            syncer.close()
+    async def check(syncer: Syncer) -> None:
+        errors = await syncer.sync(["plain/below", "plain"], None)
+        assert list(errors) == ["plain/below"]  # found from here: ENOTDIR, not "gone"
+        assert errors["plain/below"].errno == errno.ENOTDIR
+        assert syncer.started == 1
 
-    asyncio.run(main())
+    with_syncer(check)
 
 
 def test_only_a_directory_may_refuse_its_fsync_and_the_journal_never(tmp_path: Path) -> None:
     reading, writing = os.pipe()  # fsync of a pipe: EINVAL, as a journal on a broken mount
 
-    async def main(use_helper: bool) -> None:
-        syncer = Syncer(_sync_all, THREADS)
-        if not use_helper:
-            syncer._unavailable = True
-        try:
+    def check(use_helper: bool) -> Callable[[Syncer], Awaitable[None]]:
+        async def check(syncer: Syncer) -> None:
+            if not use_helper:
+                syncer._unavailable = True
             errors = await syncer.sync(["/proc/self/stat", "/proc"], None)
             assert list(errors) == ["/proc/self/stat"]  # a file: EINVAL counts
             assert errors["/proc/self/stat"].errno == errno.EINVAL
@@ -212,12 +198,11 @@ def test_only_a_directory_may_refuse_its_fsync_and_the_journal_never(tmp_path: P
                 await syncer.sync([], writing)
             assert caught.value.errno == errno.EINVAL
             assert syncer.started == (1 if use_helper else 0)
-        finally:
-            syncer.close()
+        return check
 
     try:
-        asyncio.run(main(True))
-        asyncio.run(main(False))  # the thread path says the same
+        with_syncer(check(True))
+        with_syncer(check(False))  # the thread path says the same
     finally:
         os.close(reading)
         os.close(writing)
@@ -256,24 +241,16 @@ def test_a_store_whose_helper_dies_in_a_round_rewrites_its_state(tmp_path: Path)
 
 def test_the_helper_stops_when_idle_and_starts_again_with_the_next_round(
         tmp_path: Path) -> None:
-    async def main() -> None:
-        syncer = Syncer(_sync_all, THREADS, idle_seconds=0.3)
-        try:
-            assert await syncer.sync([str(tmp_path)], None) == {}
-            pid = syncer.pid
-            assert pid is not None
-            for _ in range(300):
-                if syncer.pid is None:
-                    break
-                await asyncio.sleep(0.02)
-            assert syncer.pid is None
-            assert pid not in _helpers()
-            assert await syncer.sync([str(tmp_path)], None) == {}
-            assert syncer.started == 2
-        finally:
-            syncer.close()
+    async def check(syncer: Syncer) -> None:
+        assert await syncer.sync([str(tmp_path)], None) == {}
+        pid = syncer.pid
+        assert pid is not None
+        await until(lambda: syncer.pid is None)
+        assert pid not in helpers_of(os.getpid())
+        assert await syncer.sync([str(tmp_path)], None) == {}
+        assert syncer.started == 2
 
-    asyncio.run(main())
+    with_syncer(check, idle_seconds=0.3)
 
 
 def test_a_store_with_a_syncer_commits_through_it(tmp_path: Path) -> None:
@@ -292,43 +269,34 @@ def test_a_store_with_a_syncer_commits_through_it(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
-def test_the_daemons_helper_is_its_child_and_outlives_no_daemon(
-        daemon_factory: Callable[..., Daemon]) -> None:
+def daemon_with_helper(daemon_factory: Callable[..., Daemon]) -> tuple[Daemon, int]:
+    """A daemon that has run a job, and so has its fsync helper (pid)."""
     daemon = daemon_factory()
     assert daemon.upload("one", {"run.sh": "#!/bin/sh\necho hi\n"}).status_code == 201
     daemon.wait_done("one")
     assert daemon.proc is not None
+    pid = daemon.proc.pid
+    return daemon, wait_until(lambda: helpers_of(pid) or None, 10, 0.02, "the fsync helper")[0]
 
-    def helpers() -> list[int]:
-        found = []
-        for child in Path(f"/proc/{daemon.proc.pid}/task/{daemon.proc.pid}/children") \
-                .read_text().split():
-            if b"recv_fds" in Path(f"/proc/{child}/cmdline").read_bytes():
-                found.append(int(child))
-        return found
 
-    helper = wait_until(lambda: helpers() or None, 10, 0.02, "the fsync helper")[0]
+def test_the_daemons_helper_is_its_child_and_outlives_no_daemon(
+        daemon_factory: Callable[..., Daemon]) -> None:
+    daemon, helper = daemon_with_helper(daemon_factory)
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
     os.kill(helper, signal.SIGKILL)  # a helper killed under it: jobs go on, none lost
     for k in range(5):
         assert daemon.upload(f"after-{k}", {"run.sh": "#!/bin/sh\necho hi\n"}).status_code == 201
     for k in range(5):
         assert daemon.wait_done(f"after-{k}").json()["Status"] == "SUCCESS"
-    helper = wait_until(lambda: helpers() or None, 10, 0.02, "a new fsync helper")[0]
+    helper = wait_until(lambda: helpers_of(pid) or None, 10, 0.02, "a new fsync helper")[0]
     daemon.stop(signal.SIGKILL)  # the daemon dies: its helper sees the socket end
     wait_until(lambda: not alive(helper), 10, 0.02, "the helper to exit")
 
 
 def test_a_daemon_that_stops_stops_its_helper_first(
         daemon_factory: Callable[..., Daemon]) -> None:
-    daemon = daemon_factory()
-    assert daemon.upload("one", {"run.sh": "#!/bin/sh\necho hi\n"}).status_code == 201
-    daemon.wait_done("one")
-    assert daemon.proc is not None
-    pid = daemon.proc.pid
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    helper = [int(c) for c in children
-              if b"recv_fds" in Path(f"/proc/{c}/cmdline").read_bytes()]
-    assert len(helper) == 1
+    daemon, helper = daemon_with_helper(daemon_factory)
     assert daemon.stop(signal.SIGTERM) == 0
-    assert not Path(f"/proc/{helper[0]}").exists()  # exited and reaped before jobd ended
+    assert not Path(f"/proc/{helper}").exists()  # exited and reaped before jobd ended
     assert "did not exit" not in daemon.log()

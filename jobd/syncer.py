@@ -259,7 +259,9 @@ class Syncer:
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Let the helper answer the rounds it has, stop it, and wait for its exit (the
-        daemon, before its reaper stops)."""
+        daemon, before its reaper stops). A round after this runs in a thread: no helper
+        starts that nobody would collect."""
+        self._unavailable = True
         pending = [r.future for r in self._waiting]
         if pending:
             await asyncio.wait(pending, timeout=timeout)

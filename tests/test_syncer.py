@@ -239,6 +239,19 @@ def test_a_store_whose_helper_dies_in_a_round_rewrites_its_state(tmp_path: Path)
     asyncio.run(main())
 
 
+def test_after_a_stop_rounds_run_in_threads(tmp_path: Path) -> None:
+    async def check(syncer: Syncer) -> None:
+        assert await syncer.sync([str(tmp_path)], None) == {}
+        helper = syncer.pid
+        assert helper is not None
+        await syncer.stop()
+        assert syncer.pid is None and helper not in helpers_of(os.getpid())
+        assert await syncer.sync([str(tmp_path)], None) == {}
+        assert syncer.started == 1 and not syncer.running
+
+    with_syncer(check)
+
+
 def test_the_helper_stops_when_idle_and_starts_again_with_the_next_round(
         tmp_path: Path) -> None:
     async def check(syncer: Syncer) -> None:

@@ -864,6 +864,12 @@ def test_native_api_on_python_3_9(daemon_factory: Any) -> None:
     assert json.loads(end["data"])["status"] == "SUCCESS"
     assert daemon.client.get("/api/v1/jobs/p39/files/out.txt").content == b"two\n"
     assert daemon.client.get("/docs").status_code == 200
+    assert daemon.proc is not None  # its commits went to the fsync helper, run by 3.9 too
+    pid = daemon.proc.pid
+    helpers = [Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[:3]
+               for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    assert [python39().encode(), b"-I", b"-S"] in helpers, helpers
+    assert "fsync helper" not in daemon.log()  # no warning: it started and stayed
 
 
 def test_followers_end_when_the_daemon_stops(daemon: Daemon) -> None:

@@ -95,6 +95,13 @@ class Metrics:
                     [("", scheduler.running_count)])
             _family(out, "jobd_slots", "gauge", "Jobs that may run at once.",
                     [("", scheduler.slots)])
+            syncer = manager.store.syncer
+            _family(out, "jobd_fsync_helper_running", "gauge",
+                    "1 while commits go to the fsync helper process (it stops when idle).",
+                    [("", int(syncer is not None and syncer.running))])
+            _family(out, "jobd_fsync_helper_deaths_total", "counter",
+                    "fsync helpers that ended unasked (after 3, commits use threads).",
+                    [("", syncer.deaths if syncer is not None else 0)])
         _family(out, "jobd_start_time_seconds", "gauge",
                 "When the daemon started, in seconds since the epoch.", [("", self.started)])
         self._render_histogram(out)

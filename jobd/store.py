@@ -24,11 +24,14 @@ import os
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from tinydb.table import Document
 
 from .storage import JournalDB, JournalStorage, JournalTable, StoreError, dumps
+
+if TYPE_CHECKING:
+    from .syncer import Syncer
 
 __all__ = ["JobExists", "JobStore", "StoreError", "StoreLocked"]
 
@@ -118,6 +121,11 @@ class JobStore:
     def use_syncer(self, watch: Callable[[int], asyncio.Future[int]] | None = None) -> None:
         """Commit rounds in a helper process (JournalStorage.use_syncer)."""
         self._storage.use_syncer(watch)
+
+    @property
+    def syncer(self) -> Syncer | None:
+        """The fsync helper's driver once a round has used it (jobd/syncer.py), else None."""
+        return self._storage.syncer
 
     async def stop_syncer(self) -> None:
         """Stop the fsync helper, waiting for its exit (JournalStorage.stop_syncer)."""

@@ -133,6 +133,7 @@ class Syncer:
 
     @property
     def running(self) -> bool:
+        """Is the helper there now (rounds go to it)?"""
         return self._sock is not None
 
     @property

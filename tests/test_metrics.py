@@ -101,7 +101,8 @@ def test_render_parses_without_a_manager() -> None:
 def test_render_with_counts_histogram_and_escaping() -> None:
     metrics = Metrics()
     scheduler = SimpleNamespace(queue_length=3, running_count=2, slots=4)
-    store = SimpleNamespace(counts=lambda: {"QUEUED": 3, "RUNNING": 2, "SUCCESS": 7})
+    store = SimpleNamespace(counts=lambda: {"QUEUED": 3, "RUNNING": 2, "SUCCESS": 7},
+                            syncer=SimpleNamespace(running=False, deaths=2))
     manager = SimpleNamespace(store=store, scheduler=scheduler)
     for seconds in (0.5, 3, 3, 100, 10**6):
         metrics.observe_job({"status": "SUCCESS", "started": 1000.0, "finished": 1000 + seconds})
@@ -116,6 +117,8 @@ def test_render_with_counts_histogram_and_escaping() -> None:
     assert value(samples, "jobd_queue_length") == 3
     assert value(samples, "jobd_running_jobs") == 2
     assert value(samples, "jobd_slots") == 4
+    assert value(samples, "jobd_fsync_helper_running") == 0  # stopped when idle
+    assert value(samples, "jobd_fsync_helper_deaths_total") == 2
     assert value(samples, "jobd_job_duration_seconds_count", status="SUCCESS") == 5
     assert value(samples, "jobd_job_duration_seconds_bucket", status="SUCCESS", le="5") == 3
     assert value(samples, "jobd_job_duration_seconds_bucket", status="SUCCESS", le="+Inf") == 5
@@ -185,7 +188,9 @@ def test_metrics_after_some_jobs(daemon: Daemon) -> None:
                          ("jobd_http_requests_total", "counter"),
                          ("jobd_http_request_body_bytes_total", "counter"),
                          ("jobd_http_response_body_bytes_total", "counter"),
-                         ("jobd_http_fast_path_requests_total", "counter")]:
+                         ("jobd_http_fast_path_requests_total", "counter"),
+                         ("jobd_fsync_helper_running", "gauge"),
+                         ("jobd_fsync_helper_deaths_total", "counter")]:
         assert families[family]["type"] == kind and families[family]["help"]
 
     assert value(samples, "jobd_jobs", status="SUCCESS") == 2
@@ -194,6 +199,8 @@ def test_metrics_after_some_jobs(daemon: Daemon) -> None:
     assert value(samples, "jobd_running_jobs") == 1
     assert value(samples, "jobd_queue_length") == 0
     assert value(samples, "jobd_slots") == 2
+    assert value(samples, "jobd_fsync_helper_running") == 1  # jobs were just stored
+    assert value(samples, "jobd_fsync_helper_deaths_total") == 0
     assert value(samples, "jobd_job_duration_seconds_count", status="SUCCESS") == 2
     assert value(samples, "jobd_job_duration_seconds_count", status="FAILED") == 1
 

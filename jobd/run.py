@@ -173,26 +173,14 @@ def missing_interpreter(script: Path, env: Mapping[str, str], cwd: Path) -> str 
     unless `env` gets options or assignments. When in doubt (unreadable, a name only the
     job's user may see), None: the start then says what happened.
     """
-    try:  # never blocks or follows: the job's own file, maybe a link to a FIFO
-        fd = os.open(script, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None  # the start itself reports it
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        first = os.read(fd, 256).split(b"\n", 1)[0]
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+    first = _head(script, 256).split(b"\n", 1)[0]  # unreadable: b"", the start reports it
     if not first.startswith(b"#!"):
         return None
     words = [w for w in first[2:].split(b"\0", 1)[0].replace(b"\t", b" ").split(b" ") if w]
     if not words:
         return None
-    here = cwd
     interpreter = os.fsdecode(words[0])
-    if _surely_missing(here / interpreter):
+    if _surely_missing(cwd / interpreter):
         return interpreter
     if os.path.basename(interpreter) != "env" or len(words) < 2:
         return None
@@ -200,24 +188,31 @@ def missing_interpreter(script: Path, env: Mapping[str, str], cwd: Path) -> str 
     if name.startswith("-") or "=" in name:
         return None  # env options or assignments: env decides
     if "/" in name:
-        return name if _surely_missing(here / name) else None
-    path = os.pathsep.join(str(here / entry) for entry in
+        return name if _surely_missing(cwd / name) else None
+    path = os.pathsep.join(str(cwd / entry) for entry in
                            env.get("PATH", DEFAULT_PATH).split(os.pathsep))
     return name if shutil.which(name, path=path) is None and _none_readable(path) else None
 
 
-def _kind(path: Path) -> str:
-    """"ELF" for a binary (its loader is what is missing), else "?" (unknown)."""
-    try:  # it exists (exec found it, then not its interpreter); never blocks nor follows
+def _head(path: Path, size: int) -> bytes:
+    """The first `size` bytes of the regular file `path`; b"" for anything else or when it
+    cannot be read. Never blocks or follows a link: it is the job's own file, maybe a link
+    to a FIFO."""
+    try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
-        return "?"
+        return b""
     try:
-        return "ELF" if os.read(fd, 4) == b"\x7fELF" else "?"
+        return os.read(fd, size) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
     except OSError:
-        return "?"
+        return b""
     finally:
         os.close(fd)
+
+
+def _kind(path: Path) -> str:
+    """"ELF" for a binary (its loader is what is missing), else "?" (unknown)."""
+    return "ELF" if _head(path, 4) == b"\x7fELF" else "?"
 
 
 def _surely_missing(path: Path) -> bool:
@@ -227,7 +222,7 @@ def _surely_missing(path: Path) -> bool:
     except (FileNotFoundError, NotADirectoryError):
         return True
     except OSError:
-        return False
+        return False  # there, or not: it cannot be told
     return False
 
 

@@ -380,7 +380,12 @@ class JournalStorage(Storage):
 
     @property
     def syncer(self) -> Syncer | None:
-        """The helper's driver, made with the first round (an idle daemon imports none of it)."""
+        """The helper's driver once a round has used it, else None."""
+        return self._syncer
+
+    def _round_syncer(self) -> Syncer | None:
+        """The helper's driver for a round, made with the first (an idle daemon imports
+        none of it); None without `use_syncer`."""
         if self._syncer is None and self._syncer_options is not None:
             from jobd.syncer import Syncer
 
@@ -468,7 +473,7 @@ class JournalStorage(Storage):
         if journal is not None:
             self._users[journal] = self._users.get(journal, 0) + 1
         generation = self._generation
-        syncer = self.syncer
+        syncer = self._round_syncer()
         if syncer is not None:
             work = syncer.sync(files, journal)
         else:

@@ -72,6 +72,7 @@ while True:
 """
 
 MAX_MESSAGE = 32 << 10  # a larger round goes to a thread (a message must fit the socket)
+_MAX_ANSWER = 1 << 18  # a round's answer: at most about 5 bytes per name of its message
 
 Errors = dict[str, OSError]
 Fallback = Callable[[list[str], Optional[int]], Errors]
@@ -301,8 +302,6 @@ class Syncer:
                 log.error("fsync helper %d did not stop; killed", proc.pid)
                 proc.kill()  # Popen reaps it later if it is stuck in the kernel now
 
-
-_MAX_ANSWER = 1 << 18  # a round's answer: at most about 5 bytes per name of its message
 
 
 def _copy_to(target: asyncio.Future[Errors]) -> Callable[[asyncio.Future[Errors]], None]:
